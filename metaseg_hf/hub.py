@@ -1,0 +1,54 @@
+"""Model cards and Hub uploads for MetaSeg model folders (conversion and training share these)."""
+
+import os
+from pathlib import Path
+
+from huggingface_hub import HfApi
+
+PAPER = "MetaSeg: MetaFormer-based Global Contexts-aware Network for Efficient Semantic Segmentation (WACV 2024)"
+OFFICIAL_CODE = "https://github.com/hyunwoo137/MetaSeg"
+
+
+def render_model_card(config, title: str, sections: dict[str, str], datasets: list[str] | None = None) -> str:
+    """A Hub model card (README.md) for a MetaSeg folder: metadata header, usage, and the given sections."""
+    header = ["---", "library_name: transformers", "license: mit", "pipeline_tag: image-segmentation", "tags:"]
+    header += ["- metaseg", "- semantic-segmentation", "- vision"]
+    if datasets:
+        header += ["datasets:"] + [f"- {name}" for name in datasets]
+    header.append("---")
+    architecture = (
+        f"MSCAN widths {config.hidden_sizes}, depths {config.depths}; decoder width {config.decoder_hidden_size}; "
+        f"{config.num_labels} classes; official test mode `{config.inference_mode}`"
+    )
+    usage = """```python
+from transformers import pipeline
+
+segmenter = pipeline("image-segmentation", model="REPO_OR_FOLDER", trust_remote_code=True)
+segments = segmenter("image.jpg")  # one {"label", "mask"} per class present
+```
+
+With the `metaseg-hf` package installed (`import metaseg_hf`), `trust_remote_code` is not needed and
+`MetaSegForSemanticSegmentation.from_pretrained(...)` / `AutoModelForSemanticSegmentation` work directly."""
+    body = [f"# {title}", "", f"MetaSeg, from *{PAPER}* ([official code]({OFFICIAL_CODE})), ported to Transformers by metaseg-hf.", ""]
+    body += [f"Architecture: {architecture}.", "", "## How to use", "", usage, ""]
+    for heading, text in sections.items():
+        body += [f"## {heading}", "", text.strip(), ""]
+    body += ["## Licence", "", "MIT, as the official MetaSeg code.", ""]
+    return "\n".join(header + body)
+
+
+def write_model_card(folder: str | os.PathLike, config, title: str, sections: dict[str, str], datasets=None) -> Path:
+    """Writes `README.md` into `folder` and returns its path."""
+    path = Path(folder) / "README.md"
+    path.write_text(render_model_card(config, title, sections, datasets), encoding="utf-8")
+    return path
+
+
+def push_folder_to_hub(
+    folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False, commit_message: str = "Upload MetaSeg model"
+) -> str:
+    """Creates `repo_id` if needed, uploads the whole folder, and returns the repository URL."""
+    api = HfApi(token=token)
+    repo_url = api.create_repo(repo_id=repo_id, repo_type="model", exist_ok=True, private=private)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message=commit_message)
+    return str(repo_url)

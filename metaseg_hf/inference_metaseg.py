@@ -1,0 +1,200 @@
+"""Whole-image, sliding-window and test-time-augmented inference, as the official MMSegmentation test logic.
+
+`predict` runs a model on processed `pixel_values`; `segment` also preprocesses images (needed for
+multi-scale TTA). Both return per-image class maps and probabilities at the original image size.
+Memory stays bounded: windows go through the model `window_batch_size` at a time, and the resize to
+the original size, softmax and argmax run over row bands, so a 4000x6000 photo never materialises its
+(num_labels, 4000, 6000) probabilities unless asked to.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+# Output rows per band when resizing logits to the original size (bounds peak memory).
+DEFAULT_BAND_ROWS = 256
+
+
+@dataclass
+class SegmentationPrediction:
+    """One image's prediction at its original size.
+
+    segmentation: (H, W) int64 class ids. probabilities_max: (H, W) float32, the winning class's
+    probability. probabilities: (num_labels, H, W) float32, only when asked for.
+    """
+
+    segmentation: torch.Tensor
+    probabilities_max: torch.Tensor
+    probabilities: torch.Tensor | None = None
+
+
+def _pair(value, name):
+    if value is None:
+        raise ValueError(f"{name} is required in 'slide' mode (or set it in the model config)")
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"{name} must be a positive int or (height, width), got {value!r}")
+    return pair
+
+
+def window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Start offsets of the official sliding windows along one axis (the last one clamped to the edge)."""
+    count = max(length - window + stride - 1, 0) // stride + 1
+    return [max(min(index * stride + window, length) - window, 0) for index in range(count)]
+
+
+def _model_logits(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    parameter = next(model.parameters())
+    with torch.no_grad():
+        logits = model(pixel_values=pixel_values.to(device=parameter.device, dtype=parameter.dtype)).logits
+    return logits.float()
+
+
+def whole_logits(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, num_labels, H, W) float32: the stride-8 logits resized to the input size."""
+    logits = _model_logits(model, pixel_values)
+    return F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def sliding_window_logits(
+    model, pixel_values: torch.Tensor, window_size, window_stride, window_batch_size: int = 4
+) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, num_labels, H, W) float32: each window's logits resized to the window,
+    summed into the map and divided by the per-pixel window count (the official `slide` mode)."""
+    (window_h, window_w), (stride_h, stride_w) = _pair(window_size, "window_size"), _pair(window_stride, "window_stride")
+    if window_batch_size < 1:
+        raise ValueError(f"window_batch_size must be at least 1, got {window_batch_size}")
+    batch_size, _, height, width = pixel_values.shape
+    boxes = [
+        (top, min(top + window_h, height), left, min(left + window_w, width))
+        for top in window_starts(height, window_h, stride_h)
+        for left in window_starts(width, window_w, stride_w)
+    ]
+    summed, count = None, torch.zeros(height, width)
+    for first in range(0, len(boxes), window_batch_size):
+        chunk = boxes[first : first + window_batch_size]
+        crops = torch.cat([pixel_values[:, :, top:bottom, left:right] for top, bottom, left, right in chunk])
+        logits = _model_logits(model, crops)
+        logits = F.interpolate(logits, size=crops.shape[-2:], mode="bilinear", align_corners=False).cpu()
+        if summed is None:
+            summed = torch.zeros(batch_size, logits.shape[1], height, width)
+        for index, (top, bottom, left, right) in enumerate(chunk):
+            summed[:, :, top:bottom, left:right] += logits[index * batch_size : (index + 1) * batch_size]
+            count[top:bottom, left:right] += 1
+    return summed / count
+
+
+def input_size_logits(
+    model, pixel_values: torch.Tensor, mode: str = "whole", window_size=None, window_stride=None, window_batch_size=4
+) -> torch.Tensor:
+    """Logits at the input size, in `whole` or `slide` mode. (B, 3, H, W) -> (B, num_labels, H, W)."""
+    if mode == "whole":
+        return whole_logits(model, pixel_values)
+    if mode == "slide":
+        return sliding_window_logits(model, pixel_values, window_size, window_stride, window_batch_size)
+    raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+
+
+def _bilinear_source(out_length: int, in_length: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices and weights of PyTorch's bilinear resize (align_corners=False) along one axis."""
+    scale = in_length / out_length
+    source = ((torch.arange(out_length, device=device, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
+    lower = source.floor().long().clamp(max=in_length - 1)
+    upper = (lower + 1).clamp(max=in_length - 1)
+    weight = (source - lower).clamp(0, 1)
+    return lower, upper, weight
+
+
+def _resize_band(logits: torch.Tensor, size: tuple[int, int], rows: slice) -> torch.Tensor:
+    """Rows `rows` of `F.interpolate(logits, size, bilinear)`, computed without the other rows.
+
+    logits (C, h, w) -> (C, len(rows), size[1]).
+    """
+    channels, in_h, in_w = logits.shape
+    if (in_h, in_w) == tuple(size):
+        return logits[:, rows]
+    top, bottom, row_weight = (tensor[rows] for tensor in _bilinear_source(size[0], in_h, logits.device))
+    left, right, column_weight = _bilinear_source(size[1], in_w, logits.device)
+    first = int(top.min())
+    needed = logits[:, first : int(bottom.max()) + 1]
+    columns = needed[..., left] * (1 - column_weight) + needed[..., right] * column_weight
+    return columns[:, top - first] * (1 - row_weight)[:, None] + columns[:, bottom - first] * row_weight[:, None]
+
+
+def logits_to_prediction(
+    logit_maps: list[torch.Tensor],
+    original_size: tuple[int, int],
+    return_probabilities: bool = False,
+    band_rows: int = DEFAULT_BAND_ROWS,
+) -> SegmentationPrediction:
+    """Resizes each (num_labels, h, w) logit map to `original_size`, averages their softmax
+    probabilities (test-time augmentation), and takes the argmax, band by band."""
+    height, width = original_size
+    segmentation = torch.empty(height, width, dtype=torch.long)
+    probabilities_max = torch.empty(height, width)
+    probabilities = torch.empty(logit_maps[0].shape[0], height, width) if return_probabilities else None
+    for start in range(0, height, band_rows):
+        rows = slice(start, min(start + band_rows, height))
+        band = sum(_resize_band(logits, original_size, rows).softmax(dim=0) for logits in logit_maps)
+        band = band / len(logit_maps)
+        band_max, band_classes = band.max(dim=0)
+        segmentation[rows], probabilities_max[rows] = band_classes.cpu(), band_max.cpu()
+        if probabilities is not None:
+            probabilities[:, rows] = band.cpu()
+    return SegmentationPrediction(segmentation, probabilities_max, probabilities)
+
+
+def _resolve_mode(model, mode, window_size, window_stride):
+    config = model.config
+    mode = mode or config.inference_mode
+    if mode == "slide":
+        window_size = window_size or config.sliding_window_size
+        window_stride = window_stride or config.sliding_window_stride
+    return mode, window_size, window_stride
+
+
+def _augmented_logit_maps(model, pixel_values, flip, **inference_kwargs) -> list[torch.Tensor]:
+    """Per-image lists of input-size logit maps: the plain pass and, with `flip`, the flipped one flipped back."""
+    maps = [list(input_size_logits(model, pixel_values, **inference_kwargs))]
+    if flip:
+        flipped = input_size_logits(model, pixel_values.flip(-1), **inference_kwargs).flip(-1)
+        maps.append(list(flipped))
+    return [list(per_image) for per_image in zip(*maps)]
+
+
+def predict(
+    model,
+    pixel_values: torch.Tensor,
+    original_sizes=None,
+    input_sizes=None,
+    mode: str | None = None,
+    window_size=None,
+    window_stride=None,
+    flip: bool = False,
+    window_batch_size: int = 4,
+    return_probabilities: bool = False,
+) -> list[SegmentationPrediction]:
+    """Segments processed images: (B, 3, H, W) `pixel_values` -> one `SegmentationPrediction` per image.
+
+    mode: "whole" or "slide" (default: the model config's official test mode, with its window).
+    original_sizes: (H, W) per image to resize to (default: the input size). input_sizes: the valid
+    (h, w) of each image in a padded batch (default: the whole input). flip: horizontal-flip TTA.
+    """
+    mode, window_size, window_stride = _resolve_mode(model, mode, window_size, window_stride)
+    batch_size, _, height, width = pixel_values.shape
+    input_sizes = input_sizes or [(height, width)] * batch_size
+    original_sizes = original_sizes or input_sizes
+    if len(input_sizes) != batch_size or len(original_sizes) != batch_size:
+        raise ValueError(
+            f"Got {batch_size} images but {len(input_sizes)} input_sizes and {len(original_sizes)} original_sizes"
+        )
+    per_image_maps = _augmented_logit_maps(
+        model, pixel_values, flip, mode=mode, window_size=window_size, window_stride=window_stride,
+        window_batch_size=window_batch_size,
+    )
+    predictions = []
+    for maps, (valid_h, valid_w), original_size in zip(per_image_maps, input_sizes, original_sizes):
+        maps = [logits[:, :valid_h, :valid_w] for logits in maps]
+        predictions.append(logits_to_prediction(maps, tuple(original_size), return_probabilities))
+    return predictions

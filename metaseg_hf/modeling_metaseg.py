@@ -1,0 +1,588 @@
+"""PyTorch MetaSeg: the MSCAN encoder and the MetaSeg decoder (Global Meta Blocks with Channel Reduction Attention).
+
+Reads top to bottom as the paper's diagram: stem / patch embeddings -> multi-scale convolutional
+attention -> MSCAN block -> stage -> encoder; Channel Reduction Attention -> Global Meta Block ->
+decode head -> task models.
+"""
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.backbone_utils import BackboneMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithNoAttention, SemanticSegmenterOutput
+from transformers.modeling_utils import PreTrainedModel
+
+from .configuration_metaseg import MetaSegConfig
+from .inference_metaseg import SegmentationPrediction, predict
+
+
+def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drops whole residual branches per sample, rescaling the kept ones."""
+    if drop_prob == 0.0 or not training:
+        return hidden_states
+    keep_prob = 1 - drop_prob
+    shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+    random_tensor = torch.rand(shape, dtype=hidden_states.dtype, device=hidden_states.device)
+    random_tensor = torch.floor(random_tensor + keep_prob)
+    return hidden_states.div(keep_prob) * random_tensor
+
+
+class MetaSegDropPath(nn.Module):
+    """Stochastic depth (identity in eval mode or when `drop_prob` is 0)."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return drop_path(hidden_states, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# MSCAN encoder
+# ---------------------------------------------------------------------------------------------------
+
+
+class MetaSegStem(nn.Module):
+    """Stage-1 patch embedding: two 3x3 stride-2 convolutions with BatchNorm, GELU between.
+
+    (B, num_channels, H, W) -> (B, hidden_sizes[0], ceil(H/4), ceil(W/4)).
+    """
+
+    def __init__(self, config: MetaSegConfig, out_channels: int):
+        super().__init__()
+        mid_channels = out_channels // 2
+        self.conv1 = nn.Conv2d(config.num_channels, mid_channels, kernel_size=3, stride=2, padding=1)
+        self.norm1 = nn.BatchNorm2d(mid_channels, eps=config.batch_norm_eps)
+        self.activation = ACT2FN[config.hidden_act]
+        self.conv2 = nn.Conv2d(mid_channels, out_channels, kernel_size=3, stride=2, padding=1)
+        self.norm2 = nn.BatchNorm2d(out_channels, eps=config.batch_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.activation(self.norm1(self.conv1(pixel_values)))
+        return self.norm2(self.conv2(hidden_states))
+
+
+class MetaSegOverlapPatchEmbeddings(nn.Module):
+    """Stage 2-4 downsampling: 3x3 stride-2 convolution and BatchNorm. (B, C_in, H, W) -> (B, C, ceil(H/2), ceil(W/2))."""
+
+    def __init__(self, config: MetaSegConfig, in_channels: int, out_channels: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1)
+        self.norm = nn.BatchNorm2d(out_channels, eps=config.batch_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(hidden_states))
+
+
+class MetaSegMultiScaleConvAttention(nn.Module):
+    """Multi-scale convolutional attention (MSCA).
+
+    A depthwise k x k convolution, then depthwise strip pairs (1 x s then s x 1, for each strip size)
+    on its output, summed with it, mixed by a 1x1 convolution and used as a multiplicative gate on the
+    input. (B, C, H, W) -> (B, C, H, W).
+    """
+
+    def __init__(self, config: MetaSegConfig, channels: int):
+        super().__init__()
+        kernel = config.attention_kernel_size
+        self.local_conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels)
+        self.horizontal_strips = nn.ModuleList(
+            nn.Conv2d(channels, channels, (1, size), padding=(0, size // 2), groups=channels)
+            for size in config.attention_strip_sizes
+        )
+        self.vertical_strips = nn.ModuleList(
+            nn.Conv2d(channels, channels, (size, 1), padding=(size // 2, 0), groups=channels)
+            for size in config.attention_strip_sizes
+        )
+        self.channel_mixer = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        attention = self.local_conv(hidden_states)
+        multi_scale = attention
+        for horizontal, vertical in zip(self.horizontal_strips, self.vertical_strips):
+            multi_scale = multi_scale + vertical(horizontal(attention))
+        return self.channel_mixer(multi_scale) * hidden_states
+
+
+class MetaSegSpatialAttention(nn.Module):
+    """The attention half of an MSCAN block: 1x1 conv, GELU, MSCA gate, 1x1 conv, plus its input.
+
+    (B, C, H, W) -> (B, C, H, W).
+    """
+
+    def __init__(self, config: MetaSegConfig, channels: int):
+        super().__init__()
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.activation = ACT2FN[config.hidden_act]
+        self.multi_scale_attention = MetaSegMultiScaleConvAttention(config, channels)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        attended = self.activation(self.proj_in(hidden_states))
+        attended = self.proj_out(self.multi_scale_attention(attended))
+        return attended + hidden_states
+
+
+class MetaSegConvMlp(nn.Module):
+    """MSCAN feed-forward: 1x1 conv, depthwise 3x3 conv, GELU, 1x1 conv. (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, config: MetaSegConfig, channels: int, hidden_channels: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, hidden_channels, 1)
+        self.depthwise_conv = nn.Conv2d(hidden_channels, hidden_channels, 3, padding=1, groups=hidden_channels)
+        self.activation = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Conv2d(hidden_channels, channels, 1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.activation(self.depthwise_conv(self.fc1(hidden_states)))
+        return self.fc2(hidden_states)
+
+
+class MetaSegMscanBlock(GradientCheckpointingLayer):
+    """MSCAN block: x + ls1 * SpatialAttention(BN(x)), then x + ls2 * MLP(BN(x)). (B, C, H, W) -> same."""
+
+    def __init__(self, config: MetaSegConfig, channels: int, mlp_ratio: int, drop_path_rate: float):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(channels, eps=config.batch_norm_eps)
+        self.attention = MetaSegSpatialAttention(config, channels)
+        self.norm2 = nn.BatchNorm2d(channels, eps=config.batch_norm_eps)
+        self.mlp = MetaSegConvMlp(config, channels, channels * mlp_ratio)
+        self.layer_scale_1 = nn.Parameter(torch.full((channels,), float(config.layer_scale_init_value)))
+        self.layer_scale_2 = nn.Parameter(torch.full((channels,), float(config.layer_scale_init_value)))
+        self.drop_path = MetaSegDropPath(drop_path_rate)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        attended = self.attention(self.norm1(hidden_states))
+        hidden_states = hidden_states + self.drop_path(self.layer_scale_1[:, None, None] * attended)
+        transformed = self.mlp(self.norm2(hidden_states))
+        return hidden_states + self.drop_path(self.layer_scale_2[:, None, None] * transformed)
+
+
+class MetaSegStage(nn.Module):
+    """One MSCAN stage: patch embedding (the stem for stage 1), MSCAN blocks, LayerNorm over channels.
+
+    (B, C_in, H, W) -> (B, C, ceil(H/s), ceil(W/s)) with s = 4 for stage 1 and 2 otherwise.
+    """
+
+    def __init__(self, config: MetaSegConfig, stage_index: int, drop_path_rates: list[float]):
+        super().__init__()
+        channels = config.hidden_sizes[stage_index]
+        if stage_index == 0:
+            self.patch_embeddings = MetaSegStem(config, channels)
+        else:
+            self.patch_embeddings = MetaSegOverlapPatchEmbeddings(config, config.hidden_sizes[stage_index - 1], channels)
+        self.blocks = nn.ModuleList(
+            MetaSegMscanBlock(config, channels, config.mlp_ratios[stage_index], rate) for rate in drop_path_rates
+        )
+        self.layer_norm = nn.LayerNorm(channels, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.patch_embeddings(hidden_states)
+        for block in self.blocks:
+            hidden_states = block(hidden_states)
+        # LayerNorm over channels, in channels-last order, back to (B, C, H, W).
+        return self.layer_norm(hidden_states.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+
+
+class MetaSegEncoder(nn.Module):
+    """The MSCAN encoder: four stages at strides 4, 8, 16, 32. Returns every stage's (B, C_i, H_i, W_i) map."""
+
+    def __init__(self, config: MetaSegConfig):
+        super().__init__()
+        total_depth = sum(config.depths)
+        rates = [config.drop_path_rate * index / max(total_depth - 1, 1) for index in range(total_depth)]
+        starts = [sum(config.depths[:index]) for index in range(len(config.depths))]
+        self.stages = nn.ModuleList(
+            MetaSegStage(config, index, rates[start : start + depth])
+            for index, (start, depth) in enumerate(zip(starts, config.depths))
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        hidden_states = pixel_values
+        stage_outputs = ()
+        for stage in self.stages:
+            hidden_states = stage(hidden_states)
+            stage_outputs += (hidden_states,)
+        return stage_outputs
+
+
+# ---------------------------------------------------------------------------------------------------
+# MetaSeg decoder
+# ---------------------------------------------------------------------------------------------------
+
+
+class MetaSegChannelReductionAttention(nn.Module):
+    """Channel Reduction Attention (CRA).
+
+    Queries and keys are one scalar per head (`query`, `key`: C -> heads); values are full width.
+    Keys and values come from the map average-pooled by `pool_ratio` (floor), a 1x1 conv, LayerNorm
+    and GELU. Tokens (B, N, C) with N = H * W -> (B, N, C), and the attention maps
+    (B, heads, N, M) for the M pooled tokens.
+    """
+
+    def __init__(self, config: MetaSegConfig, channels: int, num_heads: int, pool_ratio: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = channels // num_heads
+        self.scale = self.head_dim**-0.5
+        self.pool_ratio = pool_ratio
+        self.query = nn.Linear(channels, num_heads, bias=False)
+        self.key = nn.Linear(channels, num_heads, bias=False)
+        self.value = nn.Linear(channels, channels, bias=False)
+        self.pool = nn.AvgPool2d(pool_ratio, pool_ratio)
+        self.reduction = nn.Conv2d(channels, channels, kernel_size=1)
+        self.layer_norm = nn.LayerNorm(channels, eps=config.layer_norm_eps)
+        self.activation = ACT2FN[config.hidden_act]
+        self.proj = nn.Linear(channels, channels)
+
+    def forward(self, hidden_states: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch_size, num_tokens, channels = hidden_states.shape
+        query = self.query(hidden_states).transpose(1, 2).unsqueeze(-1)  # (B, heads, N, 1)
+        feature_map = hidden_states.transpose(1, 2).reshape(batch_size, channels, height, width)
+        pooled = self.reduction(self.pool(feature_map)).flatten(2).transpose(1, 2)  # (B, M, C)
+        pooled = self.activation(self.layer_norm(pooled))
+        key = self.key(pooled).transpose(1, 2).unsqueeze(-1)  # (B, heads, M, 1)
+        value = self.value(pooled).reshape(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        attention = ((query @ key.transpose(-2, -1)) * self.scale).softmax(dim=-1)  # (B, heads, N, M)
+        context = (attention @ value).transpose(1, 2).reshape(batch_size, num_tokens, channels)
+        return self.proj(context), attention
+
+
+class MetaSegDecoderMlp(nn.Module):
+    """Global Meta Block MLP on the map: 1x1 conv (C -> rC), GELU, dropout, 1x1 conv, dropout. No depthwise conv."""
+
+    def __init__(self, config: MetaSegConfig, channels: int):
+        super().__init__()
+        hidden_channels = channels * config.decoder_mlp_ratio
+        self.fc1 = nn.Conv2d(channels, hidden_channels, 1)
+        self.activation = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Conv2d(hidden_channels, channels, 1)
+        self.dropout = nn.Dropout(config.decoder_hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.dropout(self.activation(self.fc1(hidden_states)))
+        return self.dropout(self.fc2(hidden_states))
+
+
+class MetaSegGlobalMetaBlock(GradientCheckpointingLayer):
+    """Global Meta Block (pre-norm): x + DropPath(CRA(LN(x))), then x + DropPath(MLP(LN(x))).
+
+    (B, C, H, W) map -> ((B, C, H, W) map, (B, heads, H*W, M) attention).
+    """
+
+    def __init__(self, config: MetaSegConfig, channels: int, num_heads: int, pool_ratio: int):
+        super().__init__()
+        self.layernorm_before = nn.LayerNorm(channels, eps=config.layer_norm_eps)
+        self.attention = MetaSegChannelReductionAttention(config, channels, num_heads, pool_ratio)
+        self.layernorm_after = nn.LayerNorm(channels, eps=config.layer_norm_eps)
+        self.mlp = MetaSegDecoderMlp(config, channels)
+        self.drop_path = MetaSegDropPath(config.decoder_drop_path_rate)
+
+    def forward(self, feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch_size, channels, height, width = feature_map.shape
+        tokens = feature_map.flatten(2).transpose(1, 2)  # (B, N, C)
+        attended, attention = self.attention(self.layernorm_before(tokens), height, width)
+        tokens = tokens + self.drop_path(attended)
+        normed = self.layernorm_after(tokens).transpose(1, 2).reshape(batch_size, channels, height, width)
+        tokens = tokens + self.drop_path(self.mlp(normed).flatten(2).transpose(1, 2))
+        return tokens.transpose(1, 2).reshape(batch_size, channels, height, width), attention
+
+
+class MetaSegDecodeHead(nn.Module):
+    """MetaSeg decoder: a Global Meta Block on each of encoder stages 2-4, each resized to stage 2's
+    size, concatenated (last stage first), fused by 1x1 conv + BatchNorm + ReLU, then classified.
+
+    Encoder maps -> logits (B, num_labels, ceil(H/8), ceil(W/8)) and the CRA attention maps.
+    """
+
+    def __init__(self, config: MetaSegConfig):
+        super().__init__()
+        self.global_meta_blocks = nn.ModuleList(
+            MetaSegGlobalMetaBlock(config, channels, heads, pool_ratio)
+            for channels, heads, pool_ratio in zip(
+                config.decoder_hidden_sizes, config.decoder_num_attention_heads, config.decoder_pool_ratios
+            )
+        )
+        self.linear_fuse = nn.Conv2d(sum(config.decoder_hidden_sizes), config.decoder_hidden_size, 1, bias=False)
+        self.batch_norm = nn.BatchNorm2d(config.decoder_hidden_size, eps=config.batch_norm_eps)
+        self.activation = nn.ReLU()
+        self.dropout = nn.Dropout2d(config.classifier_dropout_prob)
+        self.classifier = nn.Conv2d(config.decoder_hidden_size, config.num_labels, 1)
+
+    def forward(self, encoder_hidden_states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        decoder_inputs = encoder_hidden_states[1:]
+        target_size = decoder_inputs[0].shape[-2:]
+        fused_inputs, attentions = [], ()
+        for block, feature_map in zip(self.global_meta_blocks, decoder_inputs):
+            feature_map, attention = block(feature_map)
+            if feature_map.shape[-2:] != target_size:
+                feature_map = F.interpolate(feature_map, size=target_size, mode="bilinear", align_corners=False)
+            fused_inputs.append(feature_map)
+            attentions += (attention,)
+        hidden_states = self.linear_fuse(torch.cat(fused_inputs[::-1], dim=1))
+        hidden_states = self.dropout(self.activation(self.batch_norm(hidden_states)))
+        return self.classifier(hidden_states), attentions
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pretrained-model plumbing and task models
+# ---------------------------------------------------------------------------------------------------
+
+
+def minimum_input_size(config: MetaSegConfig) -> int:
+    """Smallest image side the decoder accepts: every pooled key/value map must be non-empty.
+
+    Stage i (1-based) has side ceil(side / 2^(i+1)); decoder stage i pools by `decoder_pool_ratios[i-2]`.
+    """
+    side = 1
+    while any(
+        math.ceil(side / 2 ** (stage + 1)) < ratio for stage, ratio in enumerate(config.decoder_pool_ratios, start=2)
+    ):
+        side += 1
+    return side
+
+
+def check_pixel_values(pixel_values: torch.Tensor, config: MetaSegConfig, needs_decoder: bool) -> None:
+    """Raises a `ValueError` naming the problem when `pixel_values` cannot go through the network."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"pixel_values must be a torch.Tensor of shape (batch, {config.num_channels}, height, width), got {type(pixel_values).__name__}")
+    if pixel_values.ndim != 4:
+        raise ValueError(
+            f"pixel_values must have shape (batch, {config.num_channels}, height, width), got shape "
+            f"{tuple(pixel_values.shape)}; add a batch dimension with pixel_values[None] for a single image"
+        )
+    if pixel_values.shape[1] != config.num_channels:
+        raise ValueError(
+            f"pixel_values has {pixel_values.shape[1]} channels (shape {tuple(pixel_values.shape)}) but the model "
+            f"expects num_channels={config.num_channels}; convert the image to RGB (the image processor does)"
+        )
+    if pixel_values.shape[0] == 0:
+        raise ValueError(f"pixel_values is an empty batch (shape {tuple(pixel_values.shape)})")
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}; normalise the image with "
+            "MetaSegImageProcessor"
+        )
+    if needs_decoder:
+        minimum = minimum_input_size(config)
+        height, width = pixel_values.shape[-2:]
+        if min(height, width) < minimum:
+            raise ValueError(
+                f"Input of {height}x{width} pixels is too small: MetaSeg's decoder pools stage maps by "
+                f"{config.decoder_pool_ratios}, which needs height and width of at least {minimum} pixels. "
+                "Resize or pad the image (the image processor resizes to the official size)."
+            )
+
+
+class MetaSegPreTrainedModel(PreTrainedModel):
+    """Weights initialisation (the official MSCAN/MetaSeg scheme) and loading for all MetaSeg models."""
+
+    config_class = MetaSegConfig
+    config: MetaSegConfig
+    base_model_prefix = "metaseg"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MetaSegStage", "MetaSegGlobalMetaBlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Truncated normal for linears, fan-out normal for convs, unit norms, layer scales at their init value."""
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
+            init.normal_(module.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            if isinstance(module, nn.BatchNorm2d):
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, MetaSegMscanBlock):
+            init.constant_(module.layer_scale_1, self.config.layer_scale_init_value)
+            init.constant_(module.layer_scale_2, self.config.layer_scale_init_value)
+
+
+class MetaSegModel(MetaSegPreTrainedModel):
+    """The bare MSCAN encoder. `last_hidden_state` is stage 4's map (B, C_4, ceil(H/32), ceil(W/32));
+    `hidden_states` are the four stage maps (after their LayerNorm) when asked for."""
+
+    def __init__(self, config: MetaSegConfig):
+        super().__init__(config)
+        self.encoder = MetaSegEncoder(config)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithNoAttention | tuple:
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        check_pixel_values(pixel_values, self.config, needs_decoder=False)
+        stage_outputs = self.encoder(pixel_values)
+        hidden_states = stage_outputs if output_hidden_states else None
+        if not return_dict:
+            return tuple(value for value in (stage_outputs[-1], hidden_states) if value is not None)
+        return BaseModelOutputWithNoAttention(last_hidden_state=stage_outputs[-1], hidden_states=hidden_states)
+
+
+class MetaSegBackbone(BackboneMixin, MetaSegPreTrainedModel):
+    """MSCAN as a Transformers backbone: `feature_maps` are the stages named by `config.out_features`
+    (`"stage1"` ... `"stage4"`, strides 4 to 32), for use under other heads (`AutoBackbone`)."""
+
+    has_attentions = False
+
+    def __init__(self, config: MetaSegConfig):
+        super().__init__(config)
+        self.encoder = MetaSegEncoder(config)
+        self.num_features = list(config.hidden_sizes)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BackboneOutput | tuple:
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        check_pixel_values(pixel_values, self.config, needs_decoder=False)
+        stage_outputs = self.encoder(pixel_values)
+        feature_maps = tuple(
+            output for name, output in zip(self.stage_names, stage_outputs) if name in self.out_features
+        )
+        hidden_states = stage_outputs if output_hidden_states else None
+        if not return_dict:
+            return tuple(value for value in (feature_maps, hidden_states) if value is not None)
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states, attentions=None)
+
+
+class MetaSegForSemanticSegmentation(MetaSegPreTrainedModel):
+    """MetaSeg: MSCAN encoder + MetaSeg decoder. `logits` are (B, num_labels, ceil(H/8), ceil(W/8)),
+    exactly the official head's output before any resize."""
+
+    def __init__(self, config: MetaSegConfig):
+        super().__init__(config)
+        self.metaseg = MetaSegModel(config)
+        self.decode_head = MetaSegDecodeHead(config)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SemanticSegmenterOutput | tuple:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Normalised images (see `MetaSegImageProcessor`); any height and width of at least
+            `minimum_input_size(config)` (57 for the official decoders).
+        labels (`torch.LongTensor` of shape `(batch_size, label_height, label_width)`, *optional*):
+            Class ids in `[0, num_labels)` or `config.semantic_loss_ignore_index`. The logits are
+            upsampled bilinearly to the label size and the cross-entropy is taken in float32.
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        check_pixel_values(pixel_values, self.config, needs_decoder=True)
+
+        encoder_outputs = self.metaseg(pixel_values, output_hidden_states=True, return_dict=True)
+        logits, attentions = self.decode_head(encoder_outputs.hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.semantic_segmentation_loss(logits, labels)
+
+        hidden_states = encoder_outputs.hidden_states if output_hidden_states else None
+        attentions = attentions if output_attentions else None
+        if not return_dict:
+            output = tuple(value for value in (logits, hidden_states, attentions) if value is not None)
+            return ((loss,) + output) if loss is not None else output
+        return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=attentions)
+
+    def predict(self, pixel_values: torch.Tensor, original_sizes=None, **kwargs) -> list[SegmentationPrediction]:
+        """Official test-time inference on processed images: `whole` or `slide` mode (default: the
+        config's), optional flip TTA, class maps and probabilities at each image's original size.
+        See `metaseg_hf.inference_metaseg.predict` for the arguments."""
+        return predict(self, pixel_values, original_sizes=original_sizes, **kwargs)
+
+    def semantic_segmentation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the logits upsampled to the label size, in float32 (also under autocast).
+
+        Averaged over valid pixels or over all pixels per `config.semantic_loss_average`; a masked
+        binary cross-entropy when `num_labels == 1`.
+        """
+        ignore_index = self.config.semantic_loss_ignore_index
+        if labels.ndim == 4 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        if labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"labels must have shape (batch, height, width) with batch {logits.shape[0]}, got {tuple(labels.shape)}"
+            )
+        if labels.is_floating_point():
+            raise TypeError(f"labels must hold integer class ids, got dtype {labels.dtype}")
+        labels = labels.long()
+        num_classes = 2 if self.config.num_labels == 1 else self.config.num_labels
+        invalid = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+        if invalid.any():
+            found = torch.unique(labels[invalid]).tolist()
+            shown = ", ".join(map(str, found[:10])) + (", ..." if len(found) > 10 else "")
+            raise ValueError(
+                f"labels contain values outside [0, {num_classes}) that are not the ignore index {ignore_index}: "
+                f"{shown}. Map them to class ids or to {ignore_index} (for ADE20K-style labels where 0 means "
+                "'other', use do_reduce_labels=True in the image processor)."
+            )
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            if self.config.num_labels == 1:
+                valid = (labels != ignore_index).float()
+                per_pixel = F.binary_cross_entropy_with_logits(
+                    upsampled.squeeze(1), labels.clamp(0, 1).float(), reduction="none"
+                )
+                if self.config.semantic_loss_average == "all_pixels":
+                    return (per_pixel * valid).mean()
+                return (per_pixel * valid).sum() / valid.sum().clamp(min=1)
+            per_pixel = F.cross_entropy(upsampled, labels, ignore_index=ignore_index, reduction="none")
+            if self.config.semantic_loss_average == "all_pixels":
+                return per_pixel.mean()
+            num_valid = (labels != ignore_index).sum()
+            return per_pixel.sum() / num_valid.clamp(min=1)
+
+
+__all__ = [
+    "MetaSegBackbone",
+    "MetaSegForSemanticSegmentation",
+    "MetaSegModel",
+    "MetaSegPreTrainedModel",
+    "minimum_input_size",
+]
