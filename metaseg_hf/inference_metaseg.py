@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-# Output rows per band when resizing logits to the original size (bounds peak memory).
-DEFAULT_BAND_ROWS = 256
+# Elements (classes x rows x columns) per band when resizing logits to the original size: bounds
+# the peak memory of the final resize + softmax to about 64 MB per augmentation.
+BAND_ELEMENTS = 2**24
 
 
 @dataclass
@@ -98,8 +99,10 @@ def input_size_logits(
 
 def _bilinear_source(out_length: int, in_length: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Indices and weights of PyTorch's bilinear resize (align_corners=False) along one axis."""
-    scale = in_length / out_length
-    source = ((torch.arange(out_length, device=device, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
+    # As PyTorch's kernel: a float32 scale, the source coordinate rounded once to float32.
+    scale = torch.tensor(in_length / out_length, dtype=torch.float32).item()
+    positions = torch.arange(out_length, device=device, dtype=torch.float64)
+    source = ((positions + 0.5) * scale - 0.5).float().clamp(min=0)
     lower = source.floor().long().clamp(max=in_length - 1)
     upper = (lower + 1).clamp(max=in_length - 1)
     weight = (source - lower).clamp(0, 1)
@@ -111,22 +114,25 @@ def _resize_band(logits: torch.Tensor, size: tuple[int, int], rows: slice) -> to
 
     logits (C, h, w) -> (C, len(rows), size[1]).
     """
-    channels, in_h, in_w = logits.shape
-    if (in_h, in_w) == tuple(size):
+    in_h = logits.shape[1]
+    if (in_h, logits.shape[2]) == tuple(size):
         return logits[:, rows]
-    top, bottom, row_weight = (tensor[rows] for tensor in _bilinear_source(size[0], in_h, logits.device))
-    left, right, column_weight = _bilinear_source(size[1], in_w, logits.device)
-    first = int(top.min())
-    needed = logits[:, first : int(bottom.max()) + 1]
-    columns = needed[..., left] * (1 - column_weight) + needed[..., right] * column_weight
-    return columns[:, top - first] * (1 - row_weight)[:, None] + columns[:, bottom - first] * row_weight[:, None]
+    top, bottom, weight = (tensor[rows] for tensor in _bilinear_source(size[0], in_h, logits.device))
+    first, last = int(top.min()), int(bottom.max())
+    # Horizontal pass on the needed rows only (identical column weights to the full resize) ...
+    needed = F.interpolate(
+        logits[None, :, first : last + 1], size=(last + 1 - first, size[1]), mode="bilinear", align_corners=False
+    )[0]
+    # ... then the vertical pass with the full resize's row weights.
+    upper = needed.index_select(1, top - first)
+    return upper.lerp_(needed.index_select(1, bottom - first), weight[:, None])
 
 
 def logits_to_prediction(
     logit_maps: list[torch.Tensor],
     original_size: tuple[int, int],
     return_probabilities: bool = False,
-    band_rows: int = DEFAULT_BAND_ROWS,
+    band_elements: int = BAND_ELEMENTS,
 ) -> SegmentationPrediction:
     """Resizes each (num_labels, h, w) logit map to `original_size`, averages their softmax
     probabilities (test-time augmentation), and takes the argmax, band by band."""
@@ -134,11 +140,18 @@ def logits_to_prediction(
     segmentation = torch.empty(height, width, dtype=torch.long)
     probabilities_max = torch.empty(height, width)
     probabilities = torch.empty(logit_maps[0].shape[0], height, width) if return_probabilities else None
+    band_rows = max(1, band_elements // (logit_maps[0].shape[0] * width))
     for start in range(0, height, band_rows):
         rows = slice(start, min(start + band_rows, height))
-        band = sum(_resize_band(logits, original_size, rows).softmax(dim=0) for logits in logit_maps)
-        band = band / len(logit_maps)
-        band_max, band_classes = band.max(dim=0)
+        if len(logit_maps) == 1 and probabilities is None:
+            # argmax of the logits; max probability = 1 / sum(exp(logits - max)), without the full softmax.
+            band = _resize_band(logit_maps[0], original_size, rows)
+            logit_max, band_classes = band.max(dim=0)
+            band_max = band.sub_(logit_max).exp_().sum(dim=0).reciprocal_()
+        else:
+            band = sum(_resize_band(logits, original_size, rows).softmax(dim=0) for logits in logit_maps)
+            band = band / len(logit_maps)
+            band_max, band_classes = band.max(dim=0)
         segmentation[rows], probabilities_max[rows] = band_classes.cpu(), band_max.cpu()
         if probabilities is not None:
             probabilities[:, rows] = band.cpu()
