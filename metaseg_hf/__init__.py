@@ -38,6 +38,19 @@ MetaSegForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegm
 MetaSegBackbone.register_for_auto_class("AutoBackbone")
 MetaSegImageProcessor.register_for_auto_class("AutoImageProcessor")
 
+
+def _declare_pipeline_support() -> None:
+    """`pipeline("image-segmentation")` checks model classes against the *names* of Transformers' own
+    semantic-segmentation models, not the registered ones, and logs an error for any other; list MetaSeg."""
+    from transformers.models.auto import modeling_auto
+
+    modeling_auto.MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault(
+        MetaSegConfig.model_type, MetaSegForSemanticSegmentation.__name__
+    )
+
+
+_declare_pipeline_support()
+
 __all__ = [
     "VARIANTS",
     "MetaSegBackbone",

@@ -211,3 +211,54 @@ def predict(
         maps = [logits[:, :valid_h, :valid_w] for logits in maps]
         predictions.append(logits_to_prediction(maps, tuple(original_size), return_probabilities))
     return predictions
+
+
+def _scaled_size(size, ratio: float) -> dict:
+    """The processor's resize target scaled by `ratio`, as MMSegmentation's MultiScaleFlipAug scales its box."""
+    if ratio == 1.0:
+        return None
+    keys = [key for key in ("height", "width", "shortest_edge", "longest_edge") if getattr(size, key, None)]
+    return {key: int(getattr(size, key) * ratio) for key in keys}
+
+
+def segment(
+    model,
+    image_processor,
+    images,
+    mode: str | None = None,
+    window_size=None,
+    window_stride=None,
+    flip: bool = False,
+    scales=(1.0,),
+    window_batch_size: int = 4,
+    return_probabilities: bool = False,
+) -> list[SegmentationPrediction]:
+    """Segments images end to end: preprocessing (at each TTA scale), whole or sliding-window inference,
+    and the official resize to each image's original size.
+
+    images: one image or a list (PIL, numpy, torch, paths; anything `image_processor` accepts).
+    scales: resize ratios of the processor's box for multi-scale TTA (official: 0.5 ... 1.75); the
+    probabilities of every scale (and flip) are averaged. Returns one `SegmentationPrediction` per image.
+    """
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    if not images:
+        raise ValueError("segment() got an empty list of images")
+    if not scales or any(ratio <= 0 for ratio in scales):
+        raise ValueError(f"scales must be positive resize ratios, got {scales!r}")
+    mode, window_size, window_stride = _resolve_mode(model, mode, window_size, window_stride)
+    predictions = []
+    for image in images:
+        rgb = image_processor.to_rgb(image)
+        maps = []
+        for ratio in scales:
+            overrides = {"size": _scaled_size(image_processor.size, ratio)} if ratio != 1.0 else {}
+            pixel_values = image_processor(
+                images=rgb, input_data_format="channels_last", return_tensors="pt", **overrides
+            )["pixel_values"]
+            maps += _augmented_logit_maps(
+                model, pixel_values, flip, mode=mode, window_size=window_size, window_stride=window_stride,
+                window_batch_size=window_batch_size,
+            )[0]
+        predictions.append(logits_to_prediction(maps, tuple(rgb.shape[:2]), return_probabilities))
+    return predictions

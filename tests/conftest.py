@@ -1,6 +1,10 @@
 """Shared fixtures: the official reference data, a converted reference model, tiny configurations."""
 
 import os
+import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -74,3 +78,35 @@ def tiny_model():
 
     torch.manual_seed(0)
     return MetaSegForSemanticSegmentation(tiny_config()).eval()
+
+
+# Prepended to subprocess scripts: makes `import metaseg_hf` fail as on a machine without the package.
+BLOCK_METASEG_HF = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    class _Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "metaseg_hf" or name.startswith("metaseg_hf."):
+                raise ModuleNotFoundError("metaseg_hf is blocked in this test", name=name)
+    sys.meta_path.insert(0, _Block())
+    """
+)
+
+
+def run_python(script: str, env_overrides: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(env_overrides or {})
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=cwd or REPO_ROOT.parent, timeout=300
+    )
+    assert result.returncode == 0, f"subprocess failed:\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result
+
+
+def make_hub_cache(cache, repo_id, folder, commit="0123456789abcdef0123456789abcdef01234567"):
+    """Lays `folder` out as `huggingface_hub` caches a downloaded repository."""
+    repo_dir = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo_dir / "snapshots" / commit)
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return cache

@@ -1,0 +1,108 @@
+"""Segment photos with a MetaSeg model and write pictures a person can check.
+
+    python examples/segment.py --model runs/demo photos/ extra.jpg "more/*.png" --output_dir segmented
+    python examples/segment.py --model org/metaseg-b-cityscapes street.png --output_dir out --mode slide
+
+For each image `NAME` it writes `NAME_classes.png` (class ids, coloured by the model's palette),
+`NAME_overlay.png` (the photo blended with the class colours), `NAME_legend.png` and `NAME.json` (the
+classes present and their share). A file that cannot be read is reported with its name; the others
+are still written, and the exit code is 1 at the end.
+"""
+
+import argparse
+import glob
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import metaseg_hf  # noqa: F401  (registers MetaSeg with the Auto classes)
+from metaseg_hf.visualization import class_fractions, class_map_image, class_palette, legend_image, overlay_image
+from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model folder or Hub id")
+    parser.add_argument("inputs", nargs="+", help="image files, folders (their images) or glob patterns")
+    parser.add_argument("--output_dir", required=True, type=Path)
+    parser.add_argument("--mode", choices=["whole", "slide"], help="test mode (default: the model's official one)")
+    parser.add_argument("--window_size", type=int, help="slide mode: window side (default: the model's)")
+    parser.add_argument("--window_stride", type=int, help="slide mode: window stride (default: the model's)")
+    parser.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale TTA ratios, e.g. 0.75 1 1.25")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch_size", type=int, default=4, help="sliding windows per forward pass")
+    parser.add_argument("--alpha", type=float, default=0.5, help="colour weight of the overlay")
+    parser.add_argument("--trust_remote_code", action="store_true")
+    return parser.parse_args(argv)
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """Image paths from files, folders and globs, and an error line for each input that matched nothing."""
+    paths, errors = [], []
+    for entry in inputs:
+        path = Path(entry)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found = [path]
+        else:
+            found = sorted(Path(p) for p in glob.glob(entry) if Path(p).is_file())
+        if not found:
+            errors.append(f"{entry}: no such file, or no images in it")
+        paths += found
+    return list(dict.fromkeys(paths)), errors
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    paths, errors = expand_inputs(args.inputs)
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    model = AutoModelForSemanticSegmentation.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    model = model.to(args.device).eval()
+    processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    palette = class_palette(model.config)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+
+    stems, failures = {}, 0
+    for path in tqdm(paths, desc="segmenting", unit="image", disable=len(paths) < 2):
+        stem = path.stem if path.stem not in stems else f"{path.stem}_{len(stems)}"
+        stems[stem] = path
+        try:
+            image = processor.to_rgb(path)
+            prediction = processor.segment(
+                model, image, mode=args.mode, window_size=args.window_size, window_stride=args.window_stride,
+                flip=args.flip, scales=args.scales, window_batch_size=args.batch_size,
+            )[0]
+        except (ValueError, TypeError, OSError) as error:
+            errors.append(f"{path}: {error}")
+            failures += 1
+            tqdm.write(f"error: {path}: {error}", file=sys.stderr)
+            continue
+        rows = class_fractions(prediction.segmentation, model.config.id2label)
+        class_map_image(prediction.segmentation, palette).save(args.output_dir / f"{stem}_classes.png")
+        overlay_image(image, prediction.segmentation, palette, args.alpha).save(args.output_dir / f"{stem}_overlay.png")
+        legend_image(rows, palette).save(args.output_dir / f"{stem}_legend.png")
+        summary = {
+            "image": str(path),
+            "size": list(prediction.segmentation.shape),
+            "classes": [{"id": i, "label": name, "fraction": round(f, 6)} for i, name, f in rows],
+            "mean_confidence": prediction.probabilities_max.mean().item(),
+        }
+        (args.output_dir / f"{stem}.json").write_text(json.dumps(summary, indent=2))
+
+    print(f"segmented {len(paths) - failures} of {len(paths)} images into {args.output_dir}")
+    if errors:
+        print(f"{len(errors)} error(s):", *errors, sep="\n  ", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""pipeline("image-segmentation") in the three loading modes, with bf16 weights, without prompts."""
+
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import pipeline
+
+from conftest import BLOCK_METASEG_HF, make_hub_cache, run_python
+
+# Reconstructs the class map from the pipeline's per-class masks (used inside subprocesses too).
+CLASS_MAP_FROM_SEGMENTS = textwrap.dedent(
+    """
+    import numpy as np
+    def class_map(segments, label2id, size):
+        result = np.full(size, -1, dtype=np.int64)
+        for segment in segments:
+            assert segment["score"] is None and segment["mask"].mode == "L"
+            mask = np.array(segment["mask"]) == 255
+            assert not (result[mask] >= 0).any(), "masks overlap"
+            result[mask] = label2id[segment["label"]]
+        assert (result >= 0).all(), "masks leave pixels uncovered"
+        return result
+    """
+)
+namespace = {}
+exec(CLASS_MAP_FROM_SEGMENTS, namespace)
+class_map = namespace["class_map"]
+
+
+@pytest.fixture(scope="module")
+def photo(reference):
+    return Image.open(reference / "metaseg-t-ade20k-image.png").convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def official(reference):
+    return load_file(reference / "metaseg-t-ade20k-whole.safetensors")["segmentation"][0].numpy()
+
+
+def test_pipeline_on_a_converted_folder_gives_the_official_prediction(converted_dir, photo, official):
+    segmenter = pipeline("image-segmentation", model=str(converted_dir))
+    segments = segmenter(photo)
+    label2id = {name: index for index, name in segmenter.model.config.id2label.items()}
+    assert all(segment["mask"].size == (500, 375) for segment in segments)
+    assert len({segment["label"] for segment in segments}) == len(segments)
+    predicted = class_map(segments, label2id, (375, 500))
+    assert (predicted == official).mean() >= 0.995
+
+
+def test_pipeline_with_bfloat16_weights(converted_dir, photo):
+    segmenter = pipeline("image-segmentation", model=str(converted_dir), dtype=torch.bfloat16)
+    assert segmenter.model.dtype == torch.bfloat16
+    segments = segmenter(photo)
+    label2id = {name: index for index, name in segmenter.model.config.id2label.items()}
+    predicted = class_map(segments, label2id, (375, 500))
+    assert predicted.shape == (375, 500) and predicted.max() < 150
+
+
+def test_pipeline_from_an_offline_hub_cache_without_prompts(converted_dir, reference, tmp_path):
+    cache = make_hub_cache(tmp_path / "hub", "metaseg/metaseg-t-ade20k-random", converted_dir)
+    script = CLASS_MAP_FROM_SEGMENTS + textwrap.dedent(
+        f"""
+        import metaseg_hf
+        from PIL import Image
+        from safetensors.torch import load_file
+        from transformers import pipeline
+        segmenter = pipeline("image-segmentation", model="metaseg/metaseg-t-ade20k-random")
+        segments = segmenter(Image.open({str(reference / "metaseg-t-ade20k-image.png")!r}))
+        label2id = {{name: index for index, name in segmenter.model.config.id2label.items()}}
+        official = load_file({str(reference / "metaseg-t-ade20k-whole.safetensors")!r})["segmentation"][0].numpy()
+        print("agreement", (class_map(segments, label2id, (375, 500)) == official).mean())
+        """
+    )
+    result = run_python(script, {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    assert float(result.stdout.split("agreement")[1]) >= 0.995
+    output = result.stdout + result.stderr
+    assert "Do you wish to run the custom code" not in output
+    assert "is not supported for image-segmentation" not in output
+
+
+def test_pipeline_with_trust_remote_code_where_metaseg_hf_is_missing(converted_dir, reference, tmp_path):
+    script = BLOCK_METASEG_HF + CLASS_MAP_FROM_SEGMENTS + textwrap.dedent(
+        f"""
+        from PIL import Image
+        from safetensors.torch import load_file
+        from transformers import pipeline
+        segmenter = pipeline("image-segmentation", model={str(converted_dir)!r}, trust_remote_code=True)
+        assert type(segmenter.model).__module__.startswith("transformers_modules")
+        assert type(segmenter.image_processor).__module__.startswith("transformers_modules")
+        segments = segmenter(Image.open({str(reference / "metaseg-t-ade20k-image.png")!r}))
+        label2id = {{name: index for index, name in segmenter.model.config.id2label.items()}}
+        official = load_file({str(reference / "metaseg-t-ade20k-whole.safetensors")!r})["segmentation"][0].numpy()
+        print("agreement", (class_map(segments, label2id, (375, 500)) == official).mean())
+        """
+    )
+    result = run_python(script, {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert float(result.stdout.split("agreement")[1]) >= 0.995
+
+
+def test_pipeline_masks_cover_each_image_at_its_own_size(converted_dir):
+    segmenter = pipeline("image-segmentation", model=str(converted_dir))
+    images = [Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+              for seed, (h, w) in enumerate([(90, 160), (300, 120)])]
+    for image, segments in zip(images, segmenter(images)):
+        assert all(segment["mask"].size == image.size for segment in segments)
