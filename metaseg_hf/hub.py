@@ -45,10 +45,22 @@ def write_model_card(folder: str | os.PathLike, config, title: str, sections: di
 
 
 def push_folder_to_hub(
-    folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False, commit_message: str = "Upload MetaSeg model"
+    folder: str | os.PathLike,
+    repo_id: str,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str = "Upload MetaSeg model",
+    ignore_patterns: list[str] | None = None,
 ) -> str:
-    """Creates `repo_id` if needed, uploads the whole folder, and returns the repository URL."""
+    """Creates `repo_id` if needed (a name without namespace goes to the token's user) and uploads the
+    folder (minus `ignore_patterns`, e.g. `["*/*"]` for top-level files only). Returns the repository URL."""
     api = HfApi(token=token)
     repo_url = api.create_repo(repo_id=repo_id, repo_type="model", exist_ok=True, private=private)
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message=commit_message)
+    api.upload_folder(
+        folder_path=str(folder),
+        repo_id=getattr(repo_url, "repo_id", None) or repo_id,
+        repo_type="model",
+        commit_message=commit_message,
+        ignore_patterns=ignore_patterns,
+    )
     return str(repo_url)

@@ -317,6 +317,12 @@ def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:
             )
         return (array >> 8).astype(np.uint8)
     if np.issubdtype(array.dtype, np.floating):
+        finite = np.isfinite(array)
+        if not finite.all():
+            raise ValueError(
+                f"`{name}` is a float image with {array.size - int(finite.sum())} NaN or infinite values; expected "
+                "finite values in [0, 1]. Check how the image was decoded or computed."
+            )
         low, high = array.min(), array.max()
         if not (low >= 0 and high <= 1):
             raise ValueError(

@@ -1,0 +1,761 @@
+"""Training and validation data for MetaSeg: loading labelled splits and the official training augmentation.
+
+Sources (`load_segmentation_data`):
+
+- a `datasets` Hub id or a folder saved with `Dataset(Dict).save_to_disk` (`dataset_name`);
+- an image/label folder (`dataset_format="imagefolder"`): `<dir>/images/**/<name>.<jpg|png|...>` with
+  `<dir>/labels/**/<name>.png` (or `annotations/`, `masks/`), optional `id2label.json` in `<dir>` or its
+  parent;
+- the ADE20K layout (`"ade20k"`): `ADEChallengeData2016/images/{training,validation}/*.jpg` and
+  `annotations/{training,validation}/*.png`, 150 classes, 0 = "other" (reduced to the ignore index);
+- the Cityscapes layout (`"cityscapes"`): `leftImg8bit/{train,val}/<city>/*_leftImg8bit.png` and
+  `gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png`, 19 classes, 255 ignored;
+- the synthetic scenes of `metaseg_hf.synthetic` when nothing is named (the embedded demo).
+
+Bad data stops with a `DataError` naming the file: a missing label file, label values that are neither
+a class id nor the ignore index, an image and a label of different sizes, an empty split.
+
+The training augmentation (`TrainAugmentation`) is MMSegmentation's pipeline of the official configs,
+in numpy/PIL: random rescale of the (long, short) box by 0.5-2.0 keeping the aspect ratio, random crop
+retried up to 10 times while one class covers more than `cat_max_ratio` of it, horizontal flip,
+photometric distortion, normalisation, padding to the crop (image 0, labels the ignore index). Each
+sample's randomness comes from `numpy.random.default_rng([seed, epoch, index])`, so a run is
+reproducible whatever the number of workers or processes, and resuming needs no sampler state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .presets import DATASET_CLASSES, DATASETS, OFFICIAL_TRAINING_RECIPE
+
+IGNORE_INDEX = 255
+DATASET_FORMATS = ("imagefolder", "ade20k", "cityscapes")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+LABEL_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp")
+LABEL_FOLDER_NAMES = ("labels", "annotations", "masks")
+IMAGE_COLUMN_NAMES = ("image", "pixel_values", "img")
+LABEL_COLUMN_NAMES = ("label", "annotation", "semantic_map", "segmentation", "mask", "labels")
+_LABEL_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N", "1")
+_EXIF_ORIENTATION = 0x0112
+_ORIENTATION_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+class DataError(ValueError):
+    """Unusable training or validation data; the message names the file or folder and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Labelled splits
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SegmentationSplit:
+    """One labelled split: a list of (image file, label file) pairs, or a `datasets.Dataset`.
+
+    `load(index)` returns the RGB image (`PIL.Image`), the label map (2-D numpy integer array, raw
+    values as stored) and a name for messages (the image path or `dataset[split] row i`).
+    """
+
+    name: str
+    source: str
+    pairs: list = field(default_factory=list)
+    dataset: object = None
+    image_column: str | None = None
+    label_column: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset) if self.dataset is not None else len(self.pairs)
+
+    def sample_name(self, index: int) -> str:
+        if self.dataset is not None:
+            return f"{self.source} row {index}"
+        return str(self.pairs[index][0])
+
+    def load(self, index: int):
+        if self.dataset is not None:
+            row = self.dataset[int(index)]
+            name = self.sample_name(index)
+            image, label = row[self.image_column], row[self.label_column]
+            if isinstance(image, (str, os.PathLike)):
+                image = _open(image, name)
+            if isinstance(label, (str, os.PathLike)):
+                label = _open(label, f"label of {name}")
+            image = _to_rgb(image, name)
+            label = _label_array(label, f"label of {name}")
+        else:
+            image_path, label_path = self.pairs[index]
+            name = str(image_path)
+            if not Path(label_path).is_file():
+                raise DataError(f"Missing label file for {image_path}: {label_path} does not exist")
+            image = _open(image_path, name)
+            label_image = _open(label_path, str(label_path))
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1) if hasattr(image, "getexif") else 1
+            if orientation in _ORIENTATION_TRANSPOSES and label_image.size == image.size:
+                # The image processor applies the EXIF orientation; the label was drawn on the stored pixels.
+                label_image = label_image.transpose(_ORIENTATION_TRANSPOSES[orientation])
+            image = _to_rgb(image, name)
+            label = _label_array(label_image, str(label_path))
+            name = f"{image_path} (label {label_path})"
+        if label.shape != (image.height, image.width):
+            raise DataError(
+                f"Image and label of different sizes: {name}: image is {image.height}x{image.width} "
+                f"(HxW) but the label is {label.shape[0]}x{label.shape[1]}"
+            )
+        return image, label, name
+
+    def subset(self, indices, name: str) -> "SegmentationSplit":
+        """The same split restricted to `indices` (used to carve a validation split out of train)."""
+        indices = [int(index) for index in indices]
+        if self.dataset is not None:
+            return SegmentationSplit(name, f"{self.source} ({name} part)", dataset=self.dataset.select(indices),
+                                     image_column=self.image_column, label_column=self.label_column)
+        return SegmentationSplit(name, f"{self.source} ({name} part)", pairs=[self.pairs[index] for index in indices])
+
+
+def _open(path, name: str) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()
+    except FileNotFoundError:
+        raise DataError(f"{name}: file {path} does not exist") from None
+    except OSError as error:
+        raise DataError(f"{name}: cannot read {path} as an image ({error})") from None
+    return image
+
+
+def _to_rgb(image, name: str) -> Image.Image:
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=-1)
+        if image.dtype != np.uint8:
+            raise DataError(f"{name}: image arrays must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise DataError(f"{name}: expected an image, got {type(image).__name__}")
+    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    if orientation in _ORIENTATION_TRANSPOSES:
+        image = image.transpose(_ORIENTATION_TRANSPOSES[orientation])
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit: keep the high byte, as OpenCV
+        image = Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8))
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _label_array(label, name: str) -> np.ndarray:
+    if isinstance(label, Image.Image):
+        if label.mode not in _LABEL_MODES:
+            raise DataError(
+                f"{name}: label images must hold one class id per pixel (mode L, P, I or I;16), got mode "
+                f"{label.mode!r}; colour-coded labels must be converted to class-id PNGs first"
+            )
+        label = np.asarray(label)
+    elif isinstance(label, torch.Tensor):
+        label = label.numpy()
+    else:
+        label = np.asarray(label)
+    if label.ndim == 3 and label.shape[-1] == 1:
+        label = label[..., 0]
+    if label.ndim != 2 or not (np.issubdtype(label.dtype, np.integer) or label.dtype == bool):
+        raise DataError(f"{name}: a label must be a 2-D map of integer class ids, got {label.dtype} {label.shape}")
+    return label
+
+
+def prepare_label(label: np.ndarray, name: str, num_labels: int, reduce_labels: bool, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """Reduces ADE20K-style labels (0 -> ignore, v -> v - 1) and checks every value is a class id or
+    the ignore index; returns a uint8 map. Raises `DataError` naming the file and the bad values."""
+    label = label.astype(np.int64, copy=False)
+    if reduce_labels:  # MMSegmentation's reduce_zero_label
+        label = np.where(label == 0, ignore_index, label - 1)
+        label[label == ignore_index - 1] = ignore_index
+    bad = (label != ignore_index) & ((label < 0) | (label >= num_labels))
+    if bad.any():
+        values = np.unique(label[bad])
+        shown = ", ".join(str(value + (1 if reduce_labels else 0)) for value in values[:10])
+        raise DataError(
+            f"Label values out of range in {name}: found {shown}{' ...' if values.size > 10 else ''} "
+            f"({'raw values, before reduction; ' if reduce_labels else ''}valid: 0-{num_labels - 1 + (1 if reduce_labels else 0)} "
+            f"and {ignore_index} for ignored pixels). Check --do_reduce_labels and the number of classes."
+        )
+    return label.astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Finding the data
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SegmentationData:
+    """Everything `load_segmentation_data` found: the splits, the class names and how to read labels."""
+
+    train: SegmentationSplit
+    validation: SegmentationSplit | None
+    id2label: dict
+    do_reduce_labels: bool
+    dataset_format: str
+    description: str
+    hub_dataset_id: str | None = None
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
+
+
+def _non_empty(pairs: list, what: str) -> list:
+    if not pairs:
+        raise DataError(f"Empty split: no images found in {what}")
+    return pairs
+
+
+def imagefolder_pairs(folder: str | os.PathLike) -> list[tuple[Path, Path]]:
+    """(image, label) pairs of an image/label folder: `images/**/x.jpg` with `labels/**/x.png`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"Data folder {folder} does not exist")
+    images_dir = folder / "images"
+    label_dirs = [folder / name for name in LABEL_FOLDER_NAMES if (folder / name).is_dir()]
+    if not images_dir.is_dir() or not label_dirs:
+        raise DataError(
+            f"{folder} is not an image/label folder: expected {folder}/images/ with the images and "
+            f"{folder}/labels/ (or annotations/, masks/) with one class-id PNG per image, same file names"
+        )
+    labels_dir = label_dirs[0]
+    pairs = []
+    for image_path in _non_empty(_images_under(images_dir), f"{images_dir} (extensions {', '.join(IMAGE_EXTENSIONS)})"):
+        relative = image_path.relative_to(images_dir).with_suffix("")
+        candidates = [labels_dir / relative.with_suffix(extension) for extension in LABEL_EXTENSIONS]
+        label_path = next((path for path in candidates if path.is_file()), candidates[0])
+        pairs.append((image_path, label_path))
+    return check_label_files(pairs, str(labels_dir))
+
+
+def check_label_files(pairs: list, what: str) -> list:
+    """Raises `DataError` naming the first image whose label file is missing (and how many are)."""
+    missing = [(image, label) for image, label in pairs if not Path(label).is_file()]
+    if missing:
+        image, label = missing[0]
+        more = f" ({len(missing)} of {len(pairs)} labels are missing in {what})" if len(missing) > 1 else ""
+        raise DataError(f"Missing label file for {image}: {label} does not exist{more}")
+    return pairs
+
+
+def _ade20k_root(root: Path) -> Path:
+    for candidate in (root, root / "ADEChallengeData2016"):
+        if (candidate / "images").is_dir() and (candidate / "annotations").is_dir():
+            return candidate
+    raise DataError(
+        f"{root} is not an ADE20K folder: expected ADEChallengeData2016/images/{{training,validation}} and "
+        "ADEChallengeData2016/annotations/{training,validation} (in it or in its ADEChallengeData2016 subfolder)"
+    )
+
+
+def ade20k_pairs(root: str | os.PathLike, split: str) -> list[tuple[Path, Path]]:
+    """(image, annotation) pairs of ADE20K's `training` or `validation` split."""
+    root = _ade20k_root(Path(root))
+    folder = {"train": "training", "validation": "validation"}.get(split, split)
+    images_dir = root / "images" / folder
+    if not images_dir.is_dir():
+        raise DataError(f"ADE20K split folder {images_dir} does not exist")
+    images = _non_empty(_images_under(images_dir), str(images_dir))
+    pairs = [(path, root / "annotations" / folder / path.relative_to(images_dir).with_suffix(".png")) for path in images]
+    return check_label_files(pairs, str(root / "annotations" / folder))
+
+
+def cityscapes_pairs(root: str | os.PathLike, split: str) -> list[tuple[Path, Path]]:
+    """(leftImg8bit, gtFine labelTrainIds) pairs of Cityscapes' `train` or `val` split."""
+    root = Path(root)
+    folder = {"train": "train", "validation": "val"}.get(split, split)
+    images_dir = root / "leftImg8bit" / folder
+    if not images_dir.is_dir() or not (root / "gtFine").is_dir():
+        raise DataError(
+            f"{root} is not a Cityscapes folder: expected leftImg8bit/{folder}/<city>/*_leftImg8bit.png and "
+            f"gtFine/{folder}/<city>/*_gtFine_labelTrainIds.png"
+        )
+    images = _non_empty(sorted(images_dir.glob("*/*_leftImg8bit.png")), f"{images_dir}/<city>/*_leftImg8bit.png")
+    pairs = []
+    for path in images:
+        stem = path.name[: -len("_leftImg8bit.png")]
+        label = root / "gtFine" / folder / path.parent.name / f"{stem}_gtFine_labelTrainIds.png"
+        pairs.append((path, label))
+    try:
+        return check_label_files(pairs, str(root / "gtFine" / folder))
+    except DataError as error:
+        raise DataError(f"{error}. Cityscapes train-id labels are made by cityscapesscripts' createTrainIdLabelImgs.") from None
+
+
+def _read_id2label(*folders) -> dict | None:
+    for folder in folders:
+        if folder is None:
+            continue
+        path = Path(folder) / "id2label.json"
+        if path.is_file():
+            try:
+                mapping = json.loads(path.read_text(encoding="utf-8"))
+                return {int(key): str(value) for key, value in mapping.items()}
+            except (ValueError, AttributeError) as error:
+                raise DataError(f"{path} must map class ids to names, e.g. {{\"0\": \"sky\"}} ({error})") from None
+    return None
+
+
+def infer_num_labels(splits, reduce_labels: bool, ignore_index: int = IGNORE_INDEX) -> int:
+    """The number of classes as (largest label value + 1) over the given splits (reads every label)."""
+    largest = -1
+    for split in splits:
+        for index in range(len(split)):
+            if split.dataset is not None:
+                label = _label_array(split.dataset[index][split.label_column], split.sample_name(index))
+            else:
+                label_path = split.pairs[index][1]
+                if not Path(label_path).is_file():
+                    raise DataError(f"Missing label file for {split.pairs[index][0]}: {label_path} does not exist")
+                label = _label_array(_open(label_path, str(label_path)), str(label_path))
+            values = np.unique(label)
+            if reduce_labels:
+                values = values[values != 0] - 1
+            values = values[values != ignore_index]
+            if values.size:
+                largest = max(largest, int(values.max()))
+    if largest < 0:
+        raise DataError("Every label pixel is ignored: no class ids found in the labels")
+    return largest + 1
+
+
+def _column(names, candidates, explicit, what, source):
+    if explicit is not None:
+        if explicit not in names:
+            raise DataError(f"{source} has no column {explicit!r} (columns: {', '.join(names)})")
+        return explicit
+    for candidate in candidates:
+        if candidate in names:
+            return candidate
+    raise DataError(
+        f"{source}: cannot find the {what} column among {', '.join(names)}; name it with --{what}_column_name"
+    )
+
+
+def _hub_dataset(dataset_name: str, image_column, label_column, train_val_split, seed, id2label):
+    import datasets
+
+    path = Path(dataset_name)
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        loaded = datasets.load_from_disk(str(path))
+    else:
+        loaded = datasets.load_dataset(dataset_name)
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    if "train" not in loaded:
+        raise DataError(f"{dataset_name} has no 'train' split (splits: {', '.join(loaded)})")
+    names = loaded["train"].column_names
+    image_column = _column(names, IMAGE_COLUMN_NAMES, image_column, "image", dataset_name)
+    label_column = _column(names, LABEL_COLUMN_NAMES, label_column, "label", dataset_name)
+    if len(loaded["train"]) == 0:
+        raise DataError(f"Empty split: {dataset_name}[train] has no rows")
+    train = SegmentationSplit("train", f"{dataset_name}[train]", dataset=loaded["train"], image_column=image_column, label_column=label_column)
+    validation_name = next((name for name in ("validation", "val", "test") if name in loaded), None)
+    validation = None
+    if validation_name is not None:
+        if len(loaded[validation_name]) == 0:
+            raise DataError(f"Empty split: {dataset_name}[{validation_name}] has no rows")
+        validation = SegmentationSplit(
+            "validation", f"{dataset_name}[{validation_name}]", dataset=loaded[validation_name],
+            image_column=image_column, label_column=label_column,
+        )
+    if id2label is None and not path.is_dir():
+        id2label = _hub_id2label(dataset_name)
+    if id2label is None and path.is_dir():
+        id2label = _read_id2label(path)
+    if validation is None and train_val_split:
+        train, validation = split_off_validation(train, train_val_split, seed)
+    return train, validation, id2label
+
+
+def _hub_id2label(dataset_name: str) -> dict | None:
+    """`id2label.json` of a Hub dataset repository (the Transformers examples' convention), if any."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(dataset_name, "id2label.json", repo_type="dataset")
+    except Exception:  # no such file, offline, or not a Hub repository: fall back to the labels
+        return None
+    return _read_id2label(Path(path).parent)
+
+
+def split_off_validation(train: SegmentationSplit, fraction: float, seed: int):
+    """Splits a deterministic `fraction` of `train` off as validation (at least one image each)."""
+    count = len(train)
+    if count < 2:
+        raise DataError(f"{train.source} has {count} image(s): too few to split off a validation set")
+    order = np.random.default_rng([seed, 7]).permutation(count)
+    num_validation = min(max(1, int(round(count * fraction))), count - 1)
+    return train.subset(sorted(order[num_validation:]), "train"), train.subset(sorted(order[:num_validation]), "validation")
+
+
+def load_segmentation_data(
+    dataset_name: str | None = None,
+    train_dir: str | None = None,
+    validation_dir: str | None = None,
+    dataset_format: str = "imagefolder",
+    do_reduce_labels: bool | None = None,
+    id2label: dict | None = None,
+    train_val_split: float = 0.15,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    seed: int = 0,
+    synthetic_num_images: dict | None = None,
+    synthetic_image_size: int | None = None,
+) -> SegmentationData:
+    """Finds the training and validation data and the class names.
+
+    - `dataset_name`: a `datasets` Hub id or a `save_to_disk` folder; columns found by name (or given);
+      class names from the repository's `id2label.json`, else read off the labels.
+    - `train_dir` (+ `validation_dir`) with `dataset_format`: `"imagefolder"` (each dir one split;
+      `id2label.json` in it or its parent), `"ade20k"` or `"cityscapes"` (`train_dir` is the dataset
+      root; the validation split is read from it unless `validation_dir` names another root).
+    - nothing: the synthetic scenes (`metaseg_hf.synthetic`).
+
+    Without a validation split, `train_val_split` of the training images are held out.
+    """
+    if dataset_name and train_dir:
+        raise DataError("Give either --dataset_name or --train_dir, not both")
+    if dataset_format not in DATASET_FORMATS:
+        raise DataError(f"Unknown --dataset_format {dataset_format!r}; use one of {', '.join(DATASET_FORMATS)}")
+    hub_dataset_id = None
+    if dataset_name:
+        train, validation, found = _hub_dataset(dataset_name, image_column, label_column, train_val_split, seed, id2label)
+        id2label, fmt, reduce_default = found, "hub", False
+        description = f"the `{dataset_name}` dataset"
+        hub_dataset_id = None if Path(dataset_name).is_dir() else dataset_name
+    elif train_dir:
+        fmt = dataset_format
+        if fmt == "imagefolder":
+            train = SegmentationSplit("train", str(train_dir), pairs=imagefolder_pairs(train_dir))
+            validation = (
+                SegmentationSplit("validation", str(validation_dir), pairs=imagefolder_pairs(validation_dir))
+                if validation_dir
+                else None
+            )
+            if validation is None and train_val_split:
+                train, validation = split_off_validation(train, train_val_split, seed)
+            id2label = id2label or _read_id2label(train_dir, Path(train_dir).parent)
+            reduce_default = False
+            description = f"images and labels from `{Path(train_dir).name}`"
+        else:
+            read_pairs = ade20k_pairs if fmt == "ade20k" else cityscapes_pairs
+            train = SegmentationSplit("train", f"{fmt} {train_dir} (train)", pairs=read_pairs(train_dir, "train"))
+            validation_root = validation_dir or train_dir
+            validation = SegmentationSplit(
+                "validation", f"{fmt} {validation_root} (validation)", pairs=read_pairs(validation_root, "validation")
+            )
+            id2label = id2label or dict(enumerate(DATASET_CLASSES[fmt]))
+            reduce_default = DATASETS[fmt]["do_reduce_labels"]
+            description = {"ade20k": "ADE20K (ADEChallengeData2016)", "cityscapes": "Cityscapes (gtFine, train ids)"}[fmt]
+    else:
+        from .synthetic import SYNTHETIC_ID2LABEL, SYNTHETIC_IMAGE_SIZE, SYNTHETIC_NUM_IMAGES, SyntheticScenes
+
+        counts = {**SYNTHETIC_NUM_IMAGES, **(synthetic_num_images or {})}
+        size = synthetic_image_size or SYNTHETIC_IMAGE_SIZE
+        train = SegmentationSplit("train", "synthetic scenes[train]", dataset=SyntheticScenes("train", counts["train"], size, seed),
+                                  image_column="image", label_column="label")
+        validation = SegmentationSplit(
+            "validation", "synthetic scenes[validation]", dataset=SyntheticScenes("validation", counts["validation"], size, seed),
+            image_column="image", label_column="label",
+        )
+        id2label, fmt, reduce_default = dict(SYNTHETIC_ID2LABEL), "synthetic", False
+        description = (
+            f"the embedded synthetic scenes (`metaseg_hf.synthetic`, seed {seed}, {size}x{size} pixels)"
+        )
+    reduce_labels = reduce_default if do_reduce_labels is None else do_reduce_labels
+    if id2label is None:
+        num_labels = infer_num_labels([train] + ([validation] if validation is not None else []), reduce_labels)
+        id2label = {index: f"class_{index}" for index in range(num_labels)}
+    id2label = {int(key): str(value) for key, value in id2label.items()}
+    if sorted(id2label) != list(range(len(id2label))):
+        raise DataError(f"Class ids must be 0..{len(id2label) - 1} without gaps, got {sorted(id2label)[:20]}")
+    if len(id2label) >= IGNORE_INDEX:
+        raise DataError(f"{len(id2label)} classes collide with the ignore index {IGNORE_INDEX}: at most 255 classes")
+    return SegmentationData(train, validation, id2label, reduce_labels, fmt, description, hub_dataset_id)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The official training augmentation
+# ---------------------------------------------------------------------------------------------------
+
+
+def _rgb_to_hsv(image: np.ndarray) -> np.ndarray:
+    """uint8 RGB -> float HSV in OpenCV's 8-bit convention (H in [0, 180), S and V in [0, 255])."""
+    rgb = image.astype(np.float32)
+    value = rgb.max(axis=-1)
+    delta = value - rgb.min(axis=-1)
+    saturation = np.where(value > 0, 255.0 * delta / np.maximum(value, 1e-6), 0.0)
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    safe = np.maximum(delta, 1e-6)
+    hue = np.where(
+        value == red, 60.0 * (green - blue) / safe, np.where(value == green, 120.0 + 60.0 * (blue - red) / safe, 240.0 + 60.0 * (red - green) / safe)
+    )
+    hue = np.where(delta > 0, hue % 360.0, 0.0) / 2.0
+    return np.stack([np.round(hue) % 180, np.round(saturation), value], axis=-1)
+
+
+def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+    """OpenCV 8-bit HSV (float) -> uint8 RGB."""
+    hue = (hsv[..., 0] * 2.0 % 360.0) / 60.0
+    saturation, value = hsv[..., 1] / 255.0, hsv[..., 2]
+    chroma = value * saturation
+    second = chroma * (1 - np.abs(hue % 2 - 1))
+    sector = np.floor(hue).astype(np.int64) % 6
+    zeros = np.zeros_like(chroma)
+    table = np.stack(
+        [
+            np.stack([chroma, second, zeros], -1), np.stack([second, chroma, zeros], -1), np.stack([zeros, chroma, second], -1),
+            np.stack([zeros, second, chroma], -1), np.stack([second, zeros, chroma], -1), np.stack([chroma, zeros, second], -1),
+        ]
+    )
+    rgb = np.take_along_axis(table, sector[None, ..., None].repeat(3, -1), axis=0)[0] + (value - chroma)[..., None]
+    return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+
+
+def _convert(values: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    """MMSegmentation's PhotoMetricDistortion.convert: scale and shift, clip to [0, 255], uint8."""
+    return np.clip(values.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def photometric_distortion(image: np.ndarray, rng: np.random.Generator, brightness_delta: int = 32,
+                           contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5), hue_delta: int = 18) -> np.ndarray:
+    """MMSegmentation's PhotoMetricDistortion on a uint8 RGB (H, W, 3) image.
+
+    Each step with probability 1/2: brightness shift in +-32, contrast x0.5-1.5 (before or after
+    the colour steps, at random), saturation x0.5-1.5 and hue shift in [-18, 18) (OpenCV's 8-bit HSV).
+    """
+    if rng.integers(2):
+        image = _convert(image, beta=rng.uniform(-brightness_delta, brightness_delta))
+    contrast_first = rng.integers(2) == 1
+    if contrast_first and rng.integers(2):
+        image = _convert(image, alpha=rng.uniform(*contrast_range))
+    if rng.integers(2):
+        hsv = _rgb_to_hsv(image)
+        hsv[..., 1] = _convert(hsv[..., 1], alpha=rng.uniform(*saturation_range))
+        image = _hsv_to_rgb(hsv)
+    if rng.integers(2):
+        hsv = _rgb_to_hsv(image)
+        hsv[..., 0] = (hsv[..., 0].astype(np.int64) + rng.integers(-hue_delta, hue_delta)) % 180
+        image = _hsv_to_rgb(hsv)
+    if not contrast_first and rng.integers(2):
+        image = _convert(image, alpha=rng.uniform(*contrast_range))
+    return image
+
+
+@dataclass
+class TrainAugmentation:
+    """The official training pipeline after loading: rescale, crop, flip, photometric distortion,
+    normalisation, padding. Call it with a PIL RGB image, a uint8 label map and a numpy Generator;
+    it returns `pixel_values` (3, crop_h, crop_w) float32 and `labels` (crop_h, crop_w) int64.
+
+    `scale` is the (long, short) box of the official `Resize` (`img_scale`, e.g. (2048, 512) for
+    ADE20K), rescaled by a ratio drawn in `ratio_range` per image; the image keeps its aspect ratio.
+    """
+
+    crop_size: tuple[int, int]
+    scale: tuple[int, int]
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    ratio_range: tuple[float, float] = OFFICIAL_TRAINING_RECIPE["scale_range"]
+    cat_max_ratio: float = OFFICIAL_TRAINING_RECIPE["cat_max_ratio"]
+    flip_probability: float = OFFICIAL_TRAINING_RECIPE["flip_probability"]
+    photometric_distortion: bool = OFFICIAL_TRAINING_RECIPE["photometric_distortion"]
+    ignore_index: int = IGNORE_INDEX
+
+    def rescale(self, image: Image.Image, label: np.ndarray, rng: np.random.Generator):
+        ratio = rng.random() * (self.ratio_range[1] - self.ratio_range[0]) + self.ratio_range[0]
+        long_edge, short_edge = int(self.scale[0] * ratio), int(self.scale[1] * ratio)
+        width, height = image.size
+        factor = min(long_edge / max(height, width), short_edge / min(height, width))
+        new_size = (max(1, int(width * factor + 0.5)), max(1, int(height * factor + 0.5)))
+        if new_size != (width, height):
+            image = image.resize(new_size, Image.BILINEAR)
+            label = np.asarray(Image.fromarray(label).resize(new_size, Image.NEAREST))
+        return image, label
+
+    def crop_box(self, height: int, width: int, rng: np.random.Generator):
+        top = int(rng.integers(0, max(height - self.crop_size[0], 0) + 1))
+        left = int(rng.integers(0, max(width - self.crop_size[1], 0) + 1))
+        return top, left, top + self.crop_size[0], left + self.crop_size[1]
+
+    def random_crop(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
+        """Random crop, redrawn up to 10 times while one class covers >= cat_max_ratio of the valid pixels."""
+        box = self.crop_box(*label.shape, rng)
+        if self.cat_max_ratio < 1.0:
+            for _ in range(10):
+                counts = np.bincount(label[box[0] : box[2], box[1] : box[3]].ravel(), minlength=256)
+                counts = counts[np.arange(counts.size) != self.ignore_index]
+                counts = counts[counts > 0]
+                if counts.size > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+                    break
+                box = self.crop_box(*label.shape, rng)
+        return image[box[0] : box[2], box[1] : box[3]], label[box[0] : box[2], box[1] : box[3]]
+
+    def __call__(self, image: Image.Image, label: np.ndarray, rng: np.random.Generator):
+        image, label = self.rescale(image, label, rng)
+        image, label = self.random_crop(np.asarray(image), label, rng)
+        if rng.random() < self.flip_probability:
+            image, label = image[:, ::-1], label[:, ::-1]
+        if self.photometric_distortion:
+            image = photometric_distortion(np.ascontiguousarray(image), rng)
+        mean = np.asarray(self.image_mean, dtype=np.float32) * 255.0
+        std = np.asarray(self.image_std, dtype=np.float32) * 255.0
+        normalised = (image.astype(np.float32) - mean) / std
+        pixel_values = np.zeros((3, *self.crop_size), dtype=np.float32)
+        labels = np.full(self.crop_size, self.ignore_index, dtype=np.int64)
+        height, width = label.shape
+        pixel_values[:, :height, :width] = normalised.transpose(2, 0, 1)
+        labels[:height, :width] = label
+        return torch.from_numpy(pixel_values), torch.from_numpy(labels)
+
+
+def train_augmentation(image_processor, crop_size, recipe: dict | None = None, ignore_index: int = IGNORE_INDEX) -> TrainAugmentation:
+    """The official augmentation for a model's image processor: the rescale box is the processor's
+    test size (`longest_edge`, `shortest_edge`), normalised with its mean and std."""
+    recipe = {**OFFICIAL_TRAINING_RECIPE, **(recipe or {})}
+    size = image_processor.size  # a dict or a SizeDict, both indexable
+    crop = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
+    return TrainAugmentation(
+        crop_size=crop,
+        scale=(int(size["longest_edge"]), int(size["shortest_edge"])),
+        image_mean=tuple(image_processor.image_mean),
+        image_std=tuple(image_processor.image_std),
+        ratio_range=tuple(recipe["scale_range"]),
+        cat_max_ratio=recipe["cat_max_ratio"],
+        flip_probability=recipe["flip_probability"],
+        photometric_distortion=recipe["photometric_distortion"],
+        ignore_index=ignore_index,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch datasets and the sampler
+# ---------------------------------------------------------------------------------------------------
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields `(epoch, index)` for every sample of the current epoch, in a per-epoch shuffled order.
+
+    The order is a function of (seed, epoch) only; set `sampler.epoch` before iterating. The epoch
+    travels with each index so that the dataset draws the sample's augmentation from
+    (seed, epoch, index), which makes resuming at a batch exact without saving sampler state.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        epoch = self.epoch
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples) if self.shuffle else range(self.num_samples)
+        for index in order:
+            yield (epoch, int(index))
+
+
+class SegmentationTrainDataset(torch.utils.data.Dataset):
+    """Augmented training crops: item `(epoch, index)` (or `index`, epoch 0) ->
+    `{"pixel_values": (3, H, W) float32, "labels": (H, W) int64}` with H, W the crop size."""
+
+    def __init__(self, split: SegmentationSplit, augmentation: TrainAugmentation, num_labels: int,
+                 reduce_labels: bool = False, seed: int = 0):
+        self.split = split
+        self.augmentation = augmentation
+        self.num_labels = num_labels
+        self.reduce_labels = reduce_labels
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        image, label, name = self.split.load(index)
+        label = prepare_label(label, name, self.num_labels, self.reduce_labels, self.augmentation.ignore_index)
+        rng = np.random.default_rng([self.seed, epoch, index])
+        pixel_values, labels = self.augmentation(image, label, rng)
+        return {"pixel_values": pixel_values, "labels": labels}
+
+
+class SegmentationEvalDataset(torch.utils.data.Dataset):
+    """Validation images through the image processor (the official test preprocessing), with the
+    label at its original resolution: item -> `{"pixel_values": (3, h, w), "labels": (H, W) int64, "name"}`."""
+
+    def __init__(self, split: SegmentationSplit, image_processor, num_labels: int, reduce_labels: bool = False,
+                 ignore_index: int = IGNORE_INDEX):
+        self.split = split
+        self.image_processor = image_processor
+        self.num_labels = num_labels
+        self.reduce_labels = reduce_labels
+        self.ignore_index = ignore_index
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index):
+        image, label, name = self.split.load(index)
+        label = prepare_label(label, name, self.num_labels, self.reduce_labels, self.ignore_index)
+        pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        return {"pixel_values": pixel_values, "labels": torch.from_numpy(label.astype(np.int64)), "name": name}
+
+
+def collate_list(items):
+    """Keeps a batch as a list (validation images have different sizes)."""
+    return list(items)
+
+
+def shard_indices(num_items: int, process_index: int, num_processes: int) -> list[int]:
+    """The indices process `process_index` evaluates: every `num_processes`-th item, no padding, no
+    duplicates, so confusion matrices summed over processes count each image exactly once."""
+    return list(range(process_index, num_items, num_processes))
+
+
+__all__ = [
+    "DATASET_FORMATS",
+    "DataError",
+    "EpochSampler",
+    "IGNORE_INDEX",
+    "SegmentationData",
+    "SegmentationEvalDataset",
+    "SegmentationSplit",
+    "SegmentationTrainDataset",
+    "TrainAugmentation",
+    "ade20k_pairs",
+    "check_label_files",
+    "cityscapes_pairs",
+    "collate_list",
+    "imagefolder_pairs",
+    "infer_num_labels",
+    "load_segmentation_data",
+    "photometric_distortion",
+    "prepare_label",
+    "shard_indices",
+    "split_off_validation",
+    "train_augmentation",
+]
