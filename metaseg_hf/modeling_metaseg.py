@@ -3,6 +3,9 @@
 Reads top to bottom as the paper's diagram: stem / patch embeddings -> multi-scale convolutional
 attention -> MSCAN block -> stage -> encoder; Channel Reduction Attention -> Global Meta Block ->
 decode head -> task models.
+
+`model.fuse()` switches a model to the inference-only deploy path of `fusion_metaseg` (BatchNorms and
+layer scales folded, channels_last maps); `model.unfuse()` or reloading restores this straight port.
 """
 
 import math
@@ -18,6 +21,7 @@ from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithNoA
 from transformers.modeling_utils import PreTrainedModel
 
 from .configuration_metaseg import MetaSegConfig
+from .fusion_metaseg import FusedDecodeHead, FusedMscanStage
 from .inference_metaseg import SegmentationPrediction, predict
 
 
@@ -184,13 +188,21 @@ class MetaSegStage(nn.Module):
             MetaSegMscanBlock(config, channels, config.mlp_ratios[stage_index], rate) for rate in drop_path_rates
         )
         self.layer_norm = nn.LayerNorm(channels, eps=config.layer_norm_eps)
+        self.fused = None  # the inference-only FusedMscanStage twin, set by `fuse()`
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            return self.fused(hidden_states)
         hidden_states = self.patch_embeddings(hidden_states)
+        # A model converted with `.to(memory_format=torch.channels_last)` keeps that layout (no copies).
+        channels_last = not hidden_states.is_contiguous() and hidden_states.is_contiguous(
+            memory_format=torch.channels_last
+        )
         for block in self.blocks:
             hidden_states = block(hidden_states)
         # LayerNorm over channels, in channels-last order, back to (B, C, H, W).
-        return self.layer_norm(hidden_states.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+        hidden_states = self.layer_norm(hidden_states.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return hidden_states.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 class MetaSegEncoder(nn.Module):
@@ -297,6 +309,11 @@ class MetaSegGlobalMetaBlock(GradientCheckpointingLayer):
         return tokens.transpose(1, 2).reshape(batch_size, channels, height, width), attention
 
 
+class MetaSegClassifier(nn.Conv2d):
+    """The 1x1 convolution giving the logits (official `linear_pred`). Unlike the other convolutions it
+    keeps PyTorch's default initialisation, as in the official code (small logits at the start)."""
+
+
 class MetaSegDecodeHead(nn.Module):
     """MetaSeg decoder: a Global Meta Block on each of encoder stages 2-4, each resized to stage 2's
     size, concatenated (last stage first), fused by 1x1 conv + BatchNorm + ReLU, then classified.
@@ -316,9 +333,12 @@ class MetaSegDecodeHead(nn.Module):
         self.batch_norm = nn.BatchNorm2d(config.decoder_hidden_size, eps=config.batch_norm_eps)
         self.activation = nn.ReLU()
         self.dropout = nn.Dropout2d(config.classifier_dropout_prob)
-        self.classifier = nn.Conv2d(config.decoder_hidden_size, config.num_labels, 1)
+        self.classifier = MetaSegClassifier(config.decoder_hidden_size, config.num_labels, 1)
+        self.fused = None  # the inference-only FusedDecodeHead twin, set by `fuse()`
 
     def forward(self, encoder_hidden_states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        if self.fused is not None:
+            return self.fused(encoder_hidden_states)
         decoder_inputs = encoder_hidden_states[1:]
         target_size = decoder_inputs[0].shape[-2:]
         fused_inputs, attentions = [], ()
@@ -330,7 +350,9 @@ class MetaSegDecodeHead(nn.Module):
             attentions += (attention,)
         hidden_states = self.linear_fuse(torch.cat(fused_inputs[::-1], dim=1))
         hidden_states = self.dropout(self.activation(self.batch_norm(hidden_states)))
-        return self.classifier(hidden_states), attentions
+        # NCHW logits also from a channels_last model: the loss's resize and log-softmax over classes
+        # are several times slower on channels_last logits (a no-op for the default NCHW model).
+        return self.classifier(hidden_states).contiguous(), attentions
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -372,6 +394,11 @@ def check_pixel_values(pixel_values: torch.Tensor, config: MetaSegConfig, needs_
             f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}; normalise the image with "
             "MetaSegImageProcessor"
         )
+    if not torch.compiler.is_compiling() and not torch.isfinite(pixel_values).all():
+        raise ValueError(
+            "pixel_values contains NaN or infinite values; the outputs would be NaN. Check how the image was "
+            "decoded and normalised (MetaSegImageProcessor refuses such images)."
+        )
     if needs_decoder:
         minimum = minimum_input_size(config)
         height, width = pixel_values.shape[-2:]
@@ -394,6 +421,51 @@ class MetaSegPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["MetaSegStage", "MetaSegGlobalMetaBlock"]
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, strict about what would give a silently wrong model.
+
+        A truncated weights file is named; weights of another architecture, missing encoder weights and
+        wrongly shaped tensors raise a `ValueError` listing the keys and shapes. Legitimate partial loads
+        stay allowed: an encoder-only checkpoint into the segmentation model (the decoder starts from its
+        initialisation) and, with `ignore_mismatched_sizes=True`, a new label set.
+        """
+        from safetensors import SafetensorError
+
+        want_info = kwargs.pop("output_loading_info", False)
+        ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
+        except SafetensorError as error:
+            raise OSError(
+                f"The weights of {pretrained_model_name_or_path} (model.safetensors) cannot be read: the file is "
+                f"truncated or corrupt ({error}). Download or save the model again."
+            ) from error
+        problems = []
+        unexpected = sorted(info["unexpected_keys"])
+        if unexpected:
+            problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}")
+        encoder_missing = sorted(key for key in info["missing_keys"] if "encoder." in key)
+        if encoder_missing:
+            problems.append(f"missing encoder weights ({len(encoder_missing)}): {', '.join(encoder_missing[:10])}")
+        if info["mismatched_keys"] and not ignore_mismatched:
+            shapes = [
+                f"{key}: checkpoint {tuple(saved)} vs model {tuple(expected)}"
+                for key, saved, expected in sorted(info["mismatched_keys"])
+            ]
+            problems.append(
+                f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:10])} (to fine-tune on another label set, "
+                "pass num_labels=... with ignore_mismatched_sizes=True)"
+            )
+        if problems:
+            kind = "are not MetaSeg weights" if unexpected else "do not fit this MetaSeg configuration"
+            raise ValueError(
+                f"The weights of {pretrained_model_name_or_path} {kind} for {cls.__name__}:\n  " + "\n  ".join(problems)
+            )
+        return (model, info) if want_info else model
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """Truncated normal for linears, fan-out normal for convs, unit norms, layer scales at their init value."""
@@ -401,6 +473,10 @@ class MetaSegPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.weight, std=self.config.initializer_range)
             if module.bias is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, MetaSegClassifier):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            bound = 1 / math.sqrt(module.in_channels * module.kernel_size[0] * module.kernel_size[1])
+            init.uniform_(module.bias, -bound, bound)
         elif isinstance(module, nn.Conv2d):
             fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
             init.normal_(module.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))
@@ -417,10 +493,53 @@ class MetaSegPreTrainedModel(PreTrainedModel):
             init.constant_(module.layer_scale_1, self.config.layer_scale_init_value)
             init.constant_(module.layer_scale_2, self.config.layer_scale_init_value)
 
+    @torch.no_grad()
+    def fuse(self):
+        """Switches to the inference-only deploy path and returns the model (in eval mode).
+
+        Each MSCAN stage and the decode head get a twin (`fusion_metaseg`) with eval-mode BatchNorms
+        and layer scales folded into the neighbouring convolutions, `linear_fuse` applied before the
+        decoder's resizes, and channels_last maps throughout; outputs equal the straight port's up to
+        float rounding (float32: within 5e-4 of the float64 reference). The parameters and the state
+        dict are unchanged (saving a fused model saves the ordinary weights), the twins are a snapshot
+        of them: call `fuse()` again after changing weights. Training a fused model is refused; call
+        `unfuse()`, or reload with `from_pretrained`, which always gives the straight port.
+        """
+        self.eval()
+        targets = [module for module in self.modules() if isinstance(module, (MetaSegStage, MetaSegDecodeHead))]
+        for module in targets:
+            module.fused = None
+            module.fused = FusedMscanStage(module) if isinstance(module, MetaSegStage) else FusedDecodeHead(module)
+            module.fused.eval()
+        return self
+
+    def unfuse(self):
+        """Drops the deploy twins of `fuse()`: back to the straight port (trainable). Returns the model."""
+        for module in self.modules():
+            if isinstance(module, (MetaSegStage, MetaSegDecodeHead)):
+                module.fused = None
+        return self
+
+    @property
+    def is_fused(self) -> bool:
+        """Whether `fuse()` switched this model to the inference-only deploy path."""
+        return any(getattr(module, "fused", None) is not None for module in self.modules())
+
+    def train(self, mode: bool = True):
+        """`nn.Module.train`, refused on a fused model (its folded weights cannot learn)."""
+        if mode and self.is_fused:
+            raise RuntimeError(
+                f"{type(self).__name__} is fused for inference (model.fuse()) and cannot train: call "
+                "model.unfuse() first, or reload it with from_pretrained."
+            )
+        return super().train(mode)
+
 
 class MetaSegModel(MetaSegPreTrainedModel):
     """The bare MSCAN encoder. `last_hidden_state` is stage 4's map (B, C_4, ceil(H/32), ceil(W/32));
     `hidden_states` are the four stage maps (after their LayerNorm) when asked for."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^decode_head\."]  # loading the encoder of a segmentation model
 
     def __init__(self, config: MetaSegConfig):
         super().__init__(config)
@@ -451,6 +570,7 @@ class MetaSegBackbone(BackboneMixin, MetaSegPreTrainedModel):
     (`"stage1"` ... `"stage4"`, strides 4 to 32), for use under other heads (`AutoBackbone`)."""
 
     has_attentions = False
+    _keys_to_ignore_on_load_unexpected = [r"^decode_head\."]
 
     def __init__(self, config: MetaSegConfig):
         super().__init__(config)

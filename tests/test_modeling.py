@@ -184,6 +184,9 @@ def test_initialisation_follows_the_official_scheme():
     value = model.decode_head.global_meta_blocks[2].attention.value.weight
     assert abs(value.std().item() - 0.02) < 0.002 and abs(value.mean().item()) < 0.002
     assert torch.all(model.decode_head.batch_norm.weight == 1) and torch.all(block.norm1.running_var == 1)
+    # The classifier keeps PyTorch's default init, as the official linear_pred: U(+-1/sqrt(fan_in)).
+    classifier = model.decode_head.classifier.weight
+    assert classifier.abs().max() <= 1 / math.sqrt(128) and classifier.std() > 0.5 / math.sqrt(3 * 128)
     norm = model.decode_head.global_meta_blocks[0].layernorm_before
     assert torch.all(norm.weight == 1) and torch.all(norm.bias == 0)
 
