@@ -12,8 +12,12 @@ checkpoint, and MetaSeg-T as initialised; target >= 99%).
 
 Variants: `port` is what `from_pretrained` gives (NCHW, the official computation order);
 `port+cl` is the same model and input in channels_last memory format; `fused` is `model.fuse()`;
-`fused+compile` (CUDA: the sizes in `--compile-models`, default MetaSeg-T; CPU: with `--compile`) is
-`torch.compile(fused, dynamic=True, fullgraph=True)`. With `$OUT` set, the printed report is also written to `$OUT/bench_inference.txt`.
+`fused+compile` (CUDA: the sizes in `--compile-models`, default MetaSeg-T, at batch > 1; CPU: with
+`--compile`) is `common.Compiled(fused)`: `torch.compile(fullgraph=True)`, static height and width with
+a dynamic batch unless `--compile-dynamic-hw` (Inductor in torch 2.13 cannot lower the whole network
+with symbolic height and width; Dynamo traces it without graph breaks either way);
+`fused+compile+stencil` (CUDA) the same with the depthwise convolutions written as shifted-slice
+sums for Inductor to fuse (`fusion_metaseg.STENCIL_DEPTHWISE_WHEN_COMPILED`). With `$OUT` set, the printed report is also written to `$OUT/bench_inference.txt`.
 """
 
 import argparse
@@ -31,6 +35,8 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 FAMILIES = {"t": "metaseg-t", "b": "metaseg-b"}
+DYNAMIC_HW = False  # --compile-dynamic-hw
+STENCIL = True  # --no-stencil
 
 
 def parse_args():
@@ -45,6 +51,18 @@ def parse_args():
     parser.add_argument("--compile", action="store_true", help="also time torch.compile on CPU (slow to compile)")
     parser.add_argument("--compile-models", default="t", help="CUDA: sizes also timed compiled ('' for none)")
     parser.add_argument("--compile-peers", action="store_true", help="also time compiled SegFormer peers")
+    parser.add_argument(
+        "--compile-dynamic-hw", action="store_true",
+        help="compile with dynamic height and width (falls back to static if Inductor fails to lower it)",
+    )
+    parser.add_argument(
+        "--no-stencil", action="store_true",
+        help="CUDA: skip the compiled variant whose depthwise convolutions are shifted-slice sums",
+    )
+    parser.add_argument(
+        "--agreement-compiled", action="store_true",
+        help="CUDA: also check the compiled model's class maps (another compilation for the 512x704 photo)",
+    )
     parser.add_argument(
         "--compile-batch-1", action="store_true",
         help="CUDA: also time compiled models at batch 1 (dynamic shapes specialise size 1: another compilation)",
@@ -64,8 +82,43 @@ def metaseg_variants(family: str, device: str, dtype: torch.dtype, compile_: boo
     variants["fused"] = (fused, torch.contiguous_format)
     if compile_:
         compiled = common.build_metaseg(family).to(device=device, dtype=dtype).fuse()
-        variants["fused+compile"] = (torch.compile(compiled, dynamic=True, fullgraph=True), torch.contiguous_format)
+        variants["fused+compile"] = (common.Compiled(compiled, DYNAMIC_HW), torch.contiguous_format)
+        if device != "cpu" and STENCIL:
+            stencil = common.build_metaseg(family).to(device=device, dtype=dtype).fuse()
+            variants["fused+compile+stencil"] = (WithStencilDepthwise(common.Compiled(stencil, DYNAMIC_HW)), torch.contiguous_format)
     return variants
+
+
+class WithStencilDepthwise:
+    """Calls a compiled fused model with `fusion_metaseg.STENCIL_DEPTHWISE_WHEN_COMPILED` on: its
+    depthwise convolutions become shifted-slice sums that Inductor fuses (instead of cuDNN calls)."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+        self._orig_mod = compiled._orig_mod
+
+    def __call__(self, **kwargs):
+        from metaseg_hf import fusion_metaseg
+
+        fusion_metaseg.STENCIL_DEPTHWISE_WHEN_COMPILED = True
+        try:
+            return self.compiled(**kwargs)
+        finally:
+            fusion_metaseg.STENCIL_DEPTHWISE_WHEN_COMPILED = False
+
+    @property
+    def dynamic_hw(self):
+        return self.compiled.dynamic_hw
+
+    @property
+    def error(self):
+        return self.compiled.error
+
+    def parameters(self):
+        return self.compiled.parameters()
+
+    def buffers(self):
+        return self.compiled.buffers()
 
 
 def peer_variants(name: str, device: str, dtype: torch.dtype, compile_: bool) -> dict:
@@ -73,7 +126,7 @@ def peer_variants(name: str, device: str, dtype: torch.dtype, compile_: bool) ->
     variants = {"eager": (peer, torch.contiguous_format)}
     if compile_:
         compiled = common.build_segformer(name).to(device=device, dtype=dtype).eval()
-        variants["compile"] = (torch.compile(compiled, dynamic=True, fullgraph=True), torch.contiguous_format)
+        variants["compile"] = (common.Compiled(compiled, DYNAMIC_HW), torch.contiguous_format)
     return variants
 
 
@@ -290,6 +343,12 @@ def run_cuda(args, report, device: str = "cuda") -> str:
                     f"{rate / port_rate:.2f}" if name.startswith("metaseg") else "",
                 ])
                 report(" | ".join(rows[-1]))
+        for (name, variant), (model, _) in models.items():
+            if isinstance(model, (common.Compiled, WithStencilDepthwise)):
+                mode = "dynamic height/width" if model.dynamic_hw else "static height/width, dynamic batch"
+                notes.append(f"{name} {variant}: compiled with {mode}"
+                             + (f" (dynamic failed: {type(model.error).__name__}: {model.error})"[:400] if model.error else ""))
+                report(notes[-1])
         del models, cases
         torch.cuda.empty_cache()
     table = common.markdown_table(
@@ -298,7 +357,7 @@ def run_cuda(args, report, device: str = "cuda") -> str:
     )
     report()
     report(table)
-    agreement = agreement_check(args, report, compiled_t)
+    agreement = agreement_check(args, report, compiled_t if args.agreement_compiled else None)
     machine = common.machine_description("cuda")
     return (
         f"## Inference, CUDA, bf16, {args.size}x{args.size}\n\n{machine}.\n\n`{common.COMMAND_LINE}`\n\n{table}\n\n"
@@ -307,7 +366,9 @@ def run_cuda(args, report, device: str = "cuda") -> str:
 
 
 def main() -> None:
+    global DYNAMIC_HW, STENCIL
     args = parse_args()
+    DYNAMIC_HW, STENCIL = args.compile_dynamic_hw, not args.no_stencil
     report = common.Report("bench_inference.txt")
     report(common.machine_description(args.device))
     section = run_cuda(args, report) if args.device == "cuda" else run_cpu(args, report)

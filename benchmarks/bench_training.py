@@ -11,8 +11,8 @@ SegFormer peer and to the straight port.
 The fused path is inference-only (`fuse()` refuses training), so training is timed on the straight
 port: `port` (NCHW, as `from_pretrained` gives it), `port+cl` (model and batch in channels_last) and,
 on CUDA, `port+cl+compile` for the sizes in `--compile-models` (default MetaSeg-T;
-`torch.compile(model, dynamic=True, fullgraph=True)` on the forward; the loss, which checks the
-labels, runs eagerly). With `$OUT` set, the report also goes to
+`common.Compiled`: `torch.compile(fullgraph=True)` on the forward, static height and width with a
+dynamic batch unless `--compile-dynamic-hw`; the loss, which checks the labels, runs eagerly). With `$OUT` set, the report also goes to
 `$OUT/bench_training.txt`.
 """
 
@@ -42,6 +42,10 @@ def parse_args():
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (default: CPU 1, CUDA 3)")
     parser.add_argument("--compile-models", default="t", help="CUDA: sizes also timed compiled ('' for none)")
     parser.add_argument("--compile-peers", action="store_true", help="also time compiled SegFormer peers")
+    parser.add_argument(
+        "--compile-dynamic-hw", action="store_true",
+        help="compile with dynamic height and width (falls back to static if Inductor fails to lower it)",
+    )
     parser.add_argument("--write-results", action="store_true", help="rewrite this run's section of RESULTS.md")
     return parser.parse_args()
 
@@ -49,12 +53,12 @@ def parse_args():
 class TrainingStep:
     """forward (with labels unless compiled) -> loss -> backward -> AdamW step, for one model."""
 
-    def __init__(self, model, pixel_values, labels, autocast_dtype=None, compile_=False):
+    def __init__(self, model, pixel_values, labels, autocast_dtype=None, compile_=False, dynamic_hw=False):
         self.model = model.train()
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         self.pixel_values, self.labels = pixel_values, labels
         self.autocast_dtype = autocast_dtype
-        self.forward = torch.compile(model, dynamic=True, fullgraph=True) if compile_ else None
+        self.forward = common.Compiled(model, dynamic_hw) if compile_ else None
 
     def loss(self):
         if self.forward is None:
@@ -89,10 +93,14 @@ def build_steps(args, device: str, batch_size: int, autocast_dtype, compile_size
         steps[(family, "port+cl")] = TrainingStep(model, channels_last, labels, autocast_dtype)
         if compile_:
             model = common.build(family).to(device).to(memory_format=torch.channels_last)
-            steps[(family, "port+cl+compile")] = TrainingStep(model, channels_last, labels, autocast_dtype, True)
+            steps[(family, "port+cl+compile")] = TrainingStep(
+                model, channels_last, labels, autocast_dtype, True, args.compile_dynamic_hw
+            )
         steps[(peer, "eager")] = TrainingStep(common.build(peer).to(device), pixel_values, labels, autocast_dtype)
         if compile_ and args.compile_peers:
-            steps[(peer, "compile")] = TrainingStep(common.build(peer).to(device), pixel_values, labels, autocast_dtype, True)
+            steps[(peer, "compile")] = TrainingStep(
+                common.build(peer).to(device), pixel_values, labels, autocast_dtype, True, args.compile_dynamic_hw
+            )
     return steps
 
 
@@ -154,6 +162,13 @@ def run_cuda(args, report, device: str = "cuda") -> str:
         step()
         torch.cuda.synchronize()
         memory[name] = torch.cuda.max_memory_allocated() - before  # activations and other transients
+    for (name, variant), step in steps.items():
+        if step.forward is not None:
+            mode = "dynamic height/width" if step.forward.dynamic_hw else "static height/width, dynamic batch"
+            error = step.forward.error
+            notes.append(f"{name} {variant}: compiled with {mode}"
+                         + (f" (dynamic failed: {type(error).__name__}: {error})"[:400] if error else ""))
+            report(notes[-1])
     times = common.round_robin(steps, repeats=repeats, warmup=warmup, synchronize=torch.cuda.synchronize, budget_s=60)
     rows = []
     for (name, variant), values in times.items():

@@ -68,6 +68,42 @@ def build(name: str):
     return build_segformer(name) if name.startswith("segformer") else build_metaseg(name)
 
 
+class Compiled:
+    """`torch.compile(model, fullgraph=True)`, called with `pixel_values=` like the model.
+
+    `dynamic_hw=True`: dynamic height, width and batch (`dynamic=True`). Otherwise static height and
+    width with a dynamic batch (`mark_dynamic` on dim 0): Inductor in torch 2.13 fails to lower the
+    full MetaSeg network (the straight port as well as the fused one) with symbolic height and width
+    (a ValueRangeError in a convolution's layout), while Dynamo traces it whole either way. If the
+    dynamic compilation fails, this falls back to the static one and keeps the error in `.error`.
+    """
+
+    def __init__(self, model, dynamic_hw: bool = False):
+        import torch
+
+        self._orig_mod, self.dynamic_hw, self.error = model, dynamic_hw, None
+        self.compiled = torch.compile(model, dynamic=True if dynamic_hw else False, fullgraph=True)
+
+    def __call__(self, pixel_values, **kwargs):
+        import torch
+
+        if self.dynamic_hw:
+            try:
+                return self.compiled(pixel_values=pixel_values, **kwargs)
+            except Exception as error:  # fall back to static height and width
+                self.error, self.dynamic_hw = error, False
+                self.compiled = torch.compile(self._orig_mod, dynamic=False, fullgraph=True)
+        if pixel_values.shape[0] > 1:
+            torch._dynamo.mark_dynamic(pixel_values, 0)
+        return self.compiled(pixel_values=pixel_values, **kwargs)
+
+    def parameters(self):
+        return self._orig_mod.parameters()
+
+    def buffers(self):
+        return self._orig_mod.buffers()
+
+
 def round_robin(cases: dict, repeats: int, warmup: int, synchronize=None, budget_s: float | None = None) -> dict:
     """Times each `cases[name]()` `repeats` times, interleaved, after `warmup` untimed rounds.
 

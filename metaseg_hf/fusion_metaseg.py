@@ -17,9 +17,10 @@ in real arithmetic (float32 results move by rounding only):
   so each block is applied at the map's own, lower resolution and the narrow result is resized.
 - Channel Reduction Attention: the softmax scale is folded into the query weight; the logits
   `q k^T` (one scalar per head each) are a broadcast product instead of a matmul with inner size 1.
-- Every map is kept `channels_last`, so 1x1 convolutions are GEMMs over contiguous channels, the
-  depthwise strips take oneDNN's fast NHWC path (the 1x21 strip is ~30x faster than in NCHW on
-  CPU), and token <-> map changes in the decoder are views, not copies.
+- On CPU every map is kept `channels_last`, so 1x1 convolutions are GEMMs over contiguous channels,
+  the depthwise strips take oneDNN's fast NHWC path (the 1x21 strip is ~30x faster than in NCHW),
+  and token <-> map changes in the decoder are views, not copies. On GPUs maps stay NCHW (cuDNN in
+  bf16 ran MetaSeg-T 20-25% slower in channels_last on an H200).
 
 The depthwise strip pairs are kept separable: merged into one depthwise 21x21 kernel (the sum of
 the outer products plus the identity, exact but for the strip biases at the borders) they cost 2-3x
@@ -61,12 +62,42 @@ def _as_1x1(matrix: torch.Tensor) -> torch.Tensor:
     return matrix[:, :, None, None]
 
 
-def _channels_last(hidden_states: torch.Tensor) -> torch.Tensor:
-    """The map in channels_last memory format, except float64 on CPU (no oneDNN kernels: NCHW is
-    faster there). Later layers keep the format they are given."""
-    if hidden_states.dtype == torch.float64 and hidden_states.device.type == "cpu":
+def _preferred_layout(hidden_states: torch.Tensor) -> torch.Tensor:
+    """The map in the memory format its device runs fastest: channels_last on CPU (oneDNN's NHWC
+    depthwise and 1x1 kernels), NCHW elsewhere (measured on an H200, bf16: channels_last made
+    MetaSeg-T 20-25% slower there) and for float64 (no oneDNN kernels). Later layers keep the
+    format they are given."""
+    if hidden_states.device.type != "cpu" or hidden_states.dtype == torch.float64:
         return hidden_states.contiguous()
     return hidden_states.contiguous(memory_format=torch.channels_last)
+
+
+# When compiled for a GPU, depthwise convolutions can be written as sums of shifted slices, which
+# Inductor fuses into one element-wise kernel per convolution (and with its neighbours) instead of
+# calling cuDNN's depthwise kernels, slow for the 1xk / kx1 strips. Off by default: not yet measured
+# on a GPU (`benchmarks/bench_inference.py` times both).
+STENCIL_DEPTHWISE_WHEN_COMPILED = False
+
+
+def _depthwise_conv(hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding) -> torch.Tensor:
+    """Depthwise convolution (weight (C, 1, kh, kw), stride 1, zero padding (ph, pw))."""
+    if not (STENCIL_DEPTHWISE_WHEN_COMPILED and torch.compiler.is_compiling() and not hidden_states.is_cpu):
+        return F.conv2d(hidden_states, weight, bias, padding=padding, groups=weight.shape[0])
+    return _stencil_depthwise_conv(hidden_states, weight, bias, padding)
+
+
+def _stencil_depthwise_conv(hidden_states, weight, bias, padding):
+    """The same depthwise convolution as a sum of kh * kw shifted, per-channel scaled slices."""
+    (kernel_height, kernel_width), (pad_height, pad_width) = weight.shape[-2:], padding
+    height = hidden_states.shape[-2] + 2 * pad_height - kernel_height + 1
+    width = hidden_states.shape[-1] + 2 * pad_width - kernel_width + 1
+    padded = F.pad(hidden_states, (pad_width, pad_width, pad_height, pad_height))
+    taps = weight[:, 0].permute(1, 2, 0)[..., None, None]  # (kh, kw, C, 1, 1)
+    output = bias[:, None, None].expand(hidden_states.shape[1], height, width)
+    for row in range(kernel_height):
+        for column in range(kernel_width):
+            output = output + padded[:, :, row : row + height, column : column + width] * taps[row, column]
+    return output
 
 
 def _on_map(activation: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -77,7 +108,7 @@ def _on_map(activation: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def _pointwise_conv(hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """1x1 convolution of a channels_last (B, C, H, W) map with an (O, C, 1, 1) weight. A convolution
+    """1x1 convolution of a (B, C, H, W) map with an (O, C, 1, 1) weight. A convolution
     rather than `F.linear` on the NHWC view: as fast on CPU (oneDNN), and cuDNN's choice on GPU."""
     return F.conv2d(hidden_states, weight, bias)
 
@@ -125,7 +156,8 @@ class _FusedModule(nn.Module):
 
 
 class FusedConvBatchNorm(_FusedModule):
-    """Conv + BatchNorm (+ activation) as one convolution. (B, C_in, H, W) -> (B, C_out, H', W'), channels_last."""
+    """Conv + BatchNorm (+ activation) as one convolution. (B, C_in, H, W) -> (B, C_out, H', W') in the
+    device's preferred memory format."""
 
     def __init__(self, conv: nn.Conv2d, batch_norm: nn.BatchNorm2d, activation: nn.Module | None = None):
         super().__init__(conv.weight.dtype)
@@ -136,14 +168,14 @@ class FusedConvBatchNorm(_FusedModule):
         self.activation = activation
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = F.conv2d(_channels_last(hidden_states), self.weight, self.bias, self.stride, self.padding)
+        hidden_states = F.conv2d(_preferred_layout(hidden_states), self.weight, self.bias, self.stride, self.padding)
         return hidden_states if self.activation is None else _on_map(self.activation, hidden_states)
 
 
 class FusedMscanBlock(_FusedModule):
     """Deploy twin of `MetaSegMscanBlock`: BatchNorms and layer scales folded into the 1x1 convs.
 
-    (B, C, H, W) channels_last -> (B, C, H, W) channels_last.
+    (B, C, H, W) -> (B, C, H, W), in the memory format it is given.
     """
 
     def __init__(self, block: nn.Module):
@@ -190,24 +222,21 @@ class FusedMscanBlock(_FusedModule):
         self.mlp_activation = mlp.activation
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        channels = hidden_states.shape[1]
         gate = _on_map(self.attention_activation, _pointwise_conv(hidden_states, self.proj_in_weight, self.proj_in_bias))
-        attention = F.conv2d(gate, self.local_weight, self.local_bias, padding=self.local_padding, groups=channels)
+        attention = _depthwise_conv(gate, self.local_weight, self.local_bias, self.local_padding)
         multi_scale = attention
         for index, (horizontal_padding, vertical_padding) in enumerate(self.strip_paddings):
-            strip = F.conv2d(
+            strip = _depthwise_conv(
                 attention,
                 getattr(self, f"horizontal_{index}_weight"),
                 getattr(self, f"horizontal_{index}_bias"),
-                padding=horizontal_padding,
-                groups=channels,
+                horizontal_padding,
             )
-            strip = F.conv2d(
+            strip = _depthwise_conv(
                 strip,
                 getattr(self, f"vertical_{index}_weight"),
                 getattr(self, f"vertical_{index}_bias"),
-                padding=vertical_padding,
-                groups=channels,
+                vertical_padding,
             )
             multi_scale = multi_scale + strip if index == 0 else multi_scale.add_(strip)
         attended = _pointwise_conv(multi_scale, self.mixer_weight, self.mixer_bias).mul_(gate)
@@ -220,12 +249,8 @@ class FusedMscanBlock(_FusedModule):
         transformed = None
         for start, stop in _channel_chunks(hidden_states, self.fc1_weight.shape[0]):
             part = _pointwise_conv(hidden_states, self.fc1_weight[start:stop], self.fc1_bias[start:stop])
-            part = F.conv2d(
-                part,
-                self.depthwise_weight[start:stop],
-                self.depthwise_bias[start:stop],
-                padding=self.depthwise_padding,
-                groups=stop - start,
+            part = _depthwise_conv(
+                part, self.depthwise_weight[start:stop], self.depthwise_bias[start:stop], self.depthwise_padding
             )
             part = _on_map(self.mlp_activation, part)
             if transformed is None:
@@ -237,7 +262,7 @@ class FusedMscanBlock(_FusedModule):
 
 class FusedMscanStage(_FusedModule):
     """Deploy twin of `MetaSegStage`: folded patch embedding, fused blocks, LayerNorm on the
-    channels_last layout without copies. (B, C_in, H, W) -> (B, C, H', W') channels_last."""
+    NHWC view without copies. (B, C_in, H, W) -> (B, C, H', W'), channels_last on CPU."""
 
     def __init__(self, stage: nn.Module):
         super().__init__(stage.layer_norm.weight.dtype)

@@ -5,7 +5,7 @@ attention -> MSCAN block -> stage -> encoder; Channel Reduction Attention -> Glo
 decode head -> task models.
 
 `model.fuse()` switches a model to the inference-only deploy path of `fusion_metaseg` (BatchNorms and
-layer scales folded, channels_last maps); `model.unfuse()` or reloading restores this straight port.
+layer scales folded, channels_last maps on CPU); `model.unfuse()` or reloading restores this straight port.
 """
 
 import math
@@ -499,7 +499,7 @@ class MetaSegPreTrainedModel(PreTrainedModel):
 
         Each MSCAN stage and the decode head get a twin (`fusion_metaseg`) with eval-mode BatchNorms
         and layer scales folded into the neighbouring convolutions, `linear_fuse` applied before the
-        decoder's resizes, and channels_last maps throughout; outputs equal the straight port's up to
+        decoder's resizes, and channels_last maps on CPU; outputs equal the straight port's up to
         float rounding (float32: within 5e-4 of the float64 reference). The parameters and the state
         dict are unchanged (saving a fused model saves the ordinary weights), the twins are a snapshot
         of them: call `fuse()` again after changing weights. Training a fused model is refused; call

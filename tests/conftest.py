@@ -57,6 +57,22 @@ def reference_model(converted_dir):
     return MetaSegForSemanticSegmentation.from_pretrained(converted_dir).eval()
 
 
+STAGE_KEYS = [f"hidden_states.{index}" for index in range(4)]
+ATTENTION_KEYS = [f"decoder_attentions.stage{stage}" for stage in (2, 3, 4)]
+
+
+def run_reference_batch(model, batch, dtype):
+    """The model's outputs on a reference batch, keyed as in the reference files (model already in `dtype`)."""
+    with torch.no_grad():
+        outputs = model(
+            batch["pixel_values"].to(dtype), labels=batch["labels"], output_hidden_states=True, output_attentions=True
+        )
+    results = {"logits": outputs.logits, "loss": outputs.loss}
+    results.update(zip(STAGE_KEYS, outputs.hidden_states))
+    results.update(zip(ATTENTION_KEYS, outputs.attentions))
+    return results
+
+
 def tiny_config(**overrides):
     """A MetaSeg small enough for fast tests (minimum input side 57 as the official decoder)."""
     from metaseg_hf import MetaSegConfig

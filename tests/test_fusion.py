@@ -5,27 +5,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from conftest import ATTENTION_KEYS, STAGE_KEYS, run_reference_batch, tiny_config
 from metaseg_hf import MetaSegBackbone, MetaSegForSemanticSegmentation, fusion_metaseg
-
-STAGE_KEYS = [f"hidden_states.{index}" for index in range(4)]
-ATTENTION_KEYS = [f"decoder_attentions.stage{stage}" for stage in (2, 3, 4)]
 
 
 @pytest.fixture(scope="module")
 def truth(reference):
     return load_file(reference / "metaseg-t-ade20k-batch-float64.safetensors")
-
-
-def run_reference_batch(model, batch, dtype):
-    with torch.no_grad():
-        outputs = model(
-            batch["pixel_values"].to(dtype), labels=batch["labels"], output_hidden_states=True, output_attentions=True
-        )
-    results = {"logits": outputs.logits, "loss": outputs.loss}
-    results.update(zip(STAGE_KEYS, outputs.hidden_states))
-    results.update(zip(ATTENTION_KEYS, outputs.attentions))
-    return results
 
 
 def randomised_model(config, seed=0, model_class=MetaSegForSemanticSegmentation):
@@ -184,3 +170,32 @@ def test_torch_export_with_dynamic_height_and_width():
             got = exported(pixel_values=pixel_values).logits
         assert got.shape == expected.shape
         assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_dynamo_traces_the_fused_model_without_graph_breaks_for_any_size():
+    model = randomised_model(tiny_config()).fuse()
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=True)
+    for size in [(128, 160), (130, 250)]:
+        pixel_values = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            assert torch.allclose(compiled(pixel_values).logits, model(pixel_values).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel, padding", [((1, 21), (0, 10)), ((11, 1), (5, 0)), ((5, 5), (2, 2)), ((3, 3), (1, 1))])
+def test_stencil_depthwise_convolution_equals_the_convolution(kernel, padding):
+    hidden_states = torch.randn(2, 6, 13, 30, dtype=torch.float64)
+    weight, bias = torch.randn(6, 1, *kernel, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    expected = torch.nn.functional.conv2d(hidden_states, weight, bias, padding=padding, groups=6)
+    got = fusion_metaseg._stencil_depthwise_conv(hidden_states, weight, bias, padding)
+    assert (got - expected).abs().max().item() <= 1e-12
+
+
+def test_stencil_depthwise_model_traces_whole_and_matches(monkeypatch):
+    # The GPU-compiled variant, exercised on CPU: every depthwise convolution as shifted slices.
+    monkeypatch.setattr(fusion_metaseg, "_depthwise_conv", fusion_metaseg._stencil_depthwise_conv)
+    model = randomised_model(tiny_config(attention_kernel_size=3, attention_strip_sizes=[3, 7]))
+    pixel_values = torch.randn(1, 3, 128, 160)
+    expected = all_outputs(model, pixel_values)[0]
+    compiled = torch.compile(model.fuse(), backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.allclose(compiled(pixel_values).logits, expected, rtol=1e-4, atol=1e-4)

@@ -6,24 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from conftest import ATTENTION_KEYS, STAGE_KEYS, run_reference_batch, tiny_config
 from metaseg_hf import MetaSegBackbone, MetaSegConfig, MetaSegForSemanticSegmentation, MetaSegModel, minimum_input_size
-
-STAGE_KEYS = [f"hidden_states.{index}" for index in range(4)]
-ATTENTION_KEYS = [f"decoder_attentions.stage{stage}" for stage in (2, 3, 4)]
-
-
-def run_reference_batch(model, batch, dtype):
-    model = model.to(dtype)
-    with torch.no_grad():
-        outputs = model(
-            batch["pixel_values"].to(dtype), labels=batch["labels"], output_hidden_states=True, output_attentions=True
-        )
-    results = {"logits": outputs.logits, "loss": outputs.loss}
-    results.update(zip(STAGE_KEYS, outputs.hidden_states))
-    results.update(zip(ATTENTION_KEYS, outputs.attentions))
-    return results
-
 
 @pytest.fixture(scope="module")
 def truth(reference):
@@ -31,7 +15,7 @@ def truth(reference):
 
 
 def test_float64_matches_official_to_1e8(reference_model, truth):
-    results = run_reference_batch(reference_model, truth, torch.float64)
+    results = run_reference_batch(reference_model.to(torch.float64), truth, torch.float64)
     reference_model.float()
     for key in ["logits", *STAGE_KEYS, *ATTENTION_KEYS]:
         assert results[key].shape == truth[key].shape, key
@@ -41,7 +25,7 @@ def test_float64_matches_official_to_1e8(reference_model, truth):
 def test_float32_within_reference_tolerances(reference, reference_model, truth):
     batch = load_file(reference / "metaseg-t-ade20k-batch.safetensors")
     assert torch.equal(batch["pixel_values"].double(), truth["pixel_values"])
-    results = run_reference_batch(reference_model, batch, torch.float32)
+    results = run_reference_batch(reference_model.to(torch.float32), batch, torch.float32)
     for key in ["logits", *STAGE_KEYS, *ATTENTION_KEYS]:
         difference = (results[key].double() - truth[key]).abs()
         assert difference.max().item() <= 5e-4, key
@@ -55,7 +39,7 @@ def test_loss_matches_both_official_conventions(reference, reference_model, trut
     batch = load_file(reference / "metaseg-t-ade20k-batch.safetensors")
     reference_model.config.semantic_loss_average = average
     try:
-        loss = run_reference_batch(reference_model, batch, torch.float32)["loss"]
+        loss = run_reference_batch(reference_model.to(torch.float32), batch, torch.float32)["loss"]
     finally:
         reference_model.config.semantic_loss_average = "valid_pixels"
     assert loss.dtype == torch.float32
