@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .image_processing_metaseg import image_to_rgb
 from .presets import DATASET_CLASSES, DATASETS, OFFICIAL_TRAINING_RECIPE
 
 IGNORE_INDEX = 255
@@ -141,20 +142,12 @@ def _open(path, name: str) -> Image.Image:
 
 
 def _to_rgb(image, name: str) -> Image.Image:
-    if isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=-1)
-        if image.dtype != np.uint8:
-            raise DataError(f"{name}: image arrays must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
-        image = Image.fromarray(image)
-    if not isinstance(image, Image.Image):
-        raise DataError(f"{name}: expected an image, got {type(image).__name__}")
-    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    if orientation in _ORIENTATION_TRANSPOSES:
-        image = image.transpose(_ORIENTATION_TRANSPOSES[orientation])
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit: keep the high byte, as OpenCV
-        image = Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8))
-    return image.convert("RGB") if image.mode != "RGB" else image
+    """The image as the official pipeline reads it (the image processor's own conversion: EXIF
+    orientation, alpha dropped, grey/palette/CMYK/16-bit to 8-bit RGB), as a PIL image."""
+    try:
+        return Image.fromarray(image_to_rgb(image, name).numpy())
+    except (TypeError, ValueError) as error:
+        raise DataError(str(error)) from error
 
 
 def _label_array(label, name: str) -> np.ndarray:

@@ -352,7 +352,7 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.cpu().numpy()
 
 
-def _image_to_rgb(image, name: str, input_data_format=None, convert_rgb: bool = True) -> torch.Tensor:
+def image_to_rgb(image, name: str, input_data_format=None, convert_rgb: bool = True) -> torch.Tensor:
     """One input image as a contiguous (H, W, 3) uint8 RGB tensor on the CPU.
 
     PIL images: EXIF orientation applied; RGBA/LA/PA lose their alpha channel (not composited, like OpenCV's
@@ -621,7 +621,7 @@ class MetaSegImageProcessor(BaseImageProcessor):
     def to_rgb(self, image, input_data_format=None) -> torch.Tensor:
         """One image as this processor reads it: a (H, W, 3) uint8 RGB tensor at its original size (EXIF
         orientation applied, alpha dropped, grey/palette/CMYK/16-bit converted)."""
-        return _image_to_rgb(image, "image", input_data_format, self.do_convert_rgb)
+        return image_to_rgb(image, "image", input_data_format, self.do_convert_rgb)
 
     def segment(self, model, images, **kwargs) -> list:
         """Preprocesses and segments images with `model` in its official test mode (or as asked: `mode`,
@@ -806,7 +806,7 @@ class MetaSegImageProcessor(BaseImageProcessor):
         images = _flatten_inputs(images, "images", _EXPECTED_IMAGE, batch_ndim=4)
         names = ["images" if len(images) == 1 else f"images[{i}]" for i in range(len(images))]
         convert_rgb = do_convert_rgb is not False
-        rgb = [_image_to_rgb(image, name, input_data_format, convert_rgb) for image, name in zip(images, names)]
+        rgb = [image_to_rgb(image, name, input_data_format, convert_rgb) for image, name in zip(images, names)]
         labels = None
         if segmentation_maps is not None:
             labels = _load_segmentation_maps(segmentation_maps, rgb, do_reduce_labels)
