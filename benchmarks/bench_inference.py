@@ -15,9 +15,10 @@ Variants: `port` is what `from_pretrained` gives (NCHW, the official computation
 `fused+compile` (CUDA: the sizes in `--compile-models`, default MetaSeg-T, at batch > 1; CPU: with
 `--compile`) is `common.Compiled(fused)`: `torch.compile(fullgraph=True)`, static height and width with
 a dynamic batch unless `--compile-dynamic-hw` (Inductor in torch 2.13 cannot lower the whole network
-with symbolic height and width; Dynamo traces it without graph breaks either way);
-`fused+compile+stencil` (CUDA) the same with the depthwise convolutions written as shifted-slice
-sums for Inductor to fuse (`fusion_metaseg.STENCIL_DEPTHWISE_WHEN_COMPILED`). With `$OUT` set, the printed report is also written to `$OUT/bench_inference.txt`.
+with symbolic height and width; Dynamo traces it without graph breaks either way). Compiled for a GPU,
+the depthwise convolutions are shifted-slice sums that Inductor fuses
+(`fusion_metaseg.STENCIL_DEPTHWISE_WHEN_COMPILED`); `--no-stencil` compiles them as library calls.
+With `$OUT` set, the printed report is also written to `$OUT/bench_inference.txt`.
 """
 
 import argparse
@@ -36,7 +37,6 @@ from torch.nn import functional as F  # noqa: E402
 
 FAMILIES = {"t": "metaseg-t", "b": "metaseg-b"}
 DYNAMIC_HW = False  # --compile-dynamic-hw
-STENCIL = True  # --no-stencil
 
 
 def parse_args():
@@ -57,7 +57,7 @@ def parse_args():
     )
     parser.add_argument(
         "--no-stencil", action="store_true",
-        help="CUDA: skip the compiled variant whose depthwise convolutions are shifted-slice sums",
+        help="CUDA: compile depthwise convolutions as library calls, not as Inductor-fused shifted-slice sums",
     )
     parser.add_argument(
         "--agreement-compiled", action="store_true",
@@ -83,42 +83,7 @@ def metaseg_variants(family: str, device: str, dtype: torch.dtype, compile_: boo
     if compile_:
         compiled = common.build_metaseg(family).to(device=device, dtype=dtype).fuse()
         variants["fused+compile"] = (common.Compiled(compiled, DYNAMIC_HW), torch.contiguous_format)
-        if device != "cpu" and STENCIL:
-            stencil = common.build_metaseg(family).to(device=device, dtype=dtype).fuse()
-            variants["fused+compile+stencil"] = (WithStencilDepthwise(common.Compiled(stencil, DYNAMIC_HW)), torch.contiguous_format)
     return variants
-
-
-class WithStencilDepthwise:
-    """Calls a compiled fused model with `fusion_metaseg.STENCIL_DEPTHWISE_WHEN_COMPILED` on: its
-    depthwise convolutions become shifted-slice sums that Inductor fuses (instead of cuDNN calls)."""
-
-    def __init__(self, compiled):
-        self.compiled = compiled
-        self._orig_mod = compiled._orig_mod
-
-    def __call__(self, **kwargs):
-        from metaseg_hf import fusion_metaseg
-
-        fusion_metaseg.STENCIL_DEPTHWISE_WHEN_COMPILED = True
-        try:
-            return self.compiled(**kwargs)
-        finally:
-            fusion_metaseg.STENCIL_DEPTHWISE_WHEN_COMPILED = False
-
-    @property
-    def dynamic_hw(self):
-        return self.compiled.dynamic_hw
-
-    @property
-    def error(self):
-        return self.compiled.error
-
-    def parameters(self):
-        return self.compiled.parameters()
-
-    def buffers(self):
-        return self.compiled.buffers()
 
 
 def peer_variants(name: str, device: str, dtype: torch.dtype, compile_: bool) -> dict:
@@ -344,7 +309,7 @@ def run_cuda(args, report, device: str = "cuda") -> str:
                 ])
                 report(" | ".join(rows[-1]))
         for (name, variant), (model, _) in models.items():
-            if isinstance(model, (common.Compiled, WithStencilDepthwise)):
+            if isinstance(model, common.Compiled):
                 mode = "dynamic height/width" if model.dynamic_hw else "static height/width, dynamic batch"
                 notes.append(f"{name} {variant}: compiled with {mode}"
                              + (f" (dynamic failed: {type(model.error).__name__}: {model.error})"[:400] if model.error else ""))
@@ -366,9 +331,13 @@ def run_cuda(args, report, device: str = "cuda") -> str:
 
 
 def main() -> None:
-    global DYNAMIC_HW, STENCIL
+    global DYNAMIC_HW
     args = parse_args()
-    DYNAMIC_HW, STENCIL = args.compile_dynamic_hw, not args.no_stencil
+    DYNAMIC_HW = args.compile_dynamic_hw
+    if args.no_stencil:
+        from metaseg_hf import fusion_metaseg
+
+        fusion_metaseg.STENCIL_DEPTHWISE_WHEN_COMPILED = False
     report = common.Report("bench_inference.txt")
     report(common.machine_description(args.device))
     section = run_cuda(args, report) if args.device == "cuda" else run_cpu(args, report)

@@ -8,7 +8,11 @@ the ignored pixels, then three `np.histogram`s (intersection, prediction, label)
 arrays; the streaming metric is fed one image at a time, as an evaluation loop does. Medians of
 interleaved repeats; the results must agree to float precision.
 
-    python benchmarks/bench_metric.py [--repeats 5] [--threads N]
+    python benchmarks/bench_metric.py [--repeats 5] [--threads N] [--breakdown]
+
+`--breakdown` also times the streaming metric's two passes alone: building the int32 bin index from
+the maps (memory-bound: it reads the 2 MiB of int64 predictions per map) and `torch.bincount` over
+those indices (a serial loop in PyTorch's CPU kernel).
 """
 
 import argparse
@@ -60,6 +64,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--breakdown", action="store_true", help="also time the index and bincount passes alone")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,6 +95,30 @@ def main():
     print(f"per-image numpy intersect-and-union: {1000 * reference:8.1f} ms  ({1000 * reference / COUNT:.2f} ms/map)")
     print(f"streaming confusion matrix:          {1000 * stream:8.1f} ms  ({1000 * stream / COUNT:.2f} ms/map)")
     print(f"speed-up: {reference / stream:.1f}x (target >= 20x); results identical")
+    if args.breakdown:
+        breakdown(prediction_maps, label_maps, args.repeats)
+
+
+def breakdown(prediction_maps, label_maps, repeats):
+    """The two passes of `StreamingMeanIoU.update` for uint8 labels, timed alone over all maps."""
+    stride = StreamingMeanIoU(NUM_LABELS, ignore_index=IGNORE)._stride
+
+    def index_pass():
+        return [
+            torch.add(label.reshape(-1), prediction.reshape(-1).to(torch.int32), alpha=stride)
+            for prediction, label in zip(prediction_maps, label_maps)
+        ]
+
+    indices = index_pass()
+    passes = {"index (int64 predictions + uint8 labels -> int32)": index_pass,
+              "torch.bincount over the indices": lambda: [torch.bincount(index) for index in indices]}
+    for name, run in passes.items():
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        print(f"  {name}: {1000 * float(np.median(times)) / COUNT:.3f} ms/map")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithNoA
 from transformers.modeling_utils import PreTrainedModel
 
 from .configuration_metaseg import MetaSegConfig
-from .fusion_metaseg import FusedDecodeHead, FusedMscanStage
+from .fusion_metaseg import FusedDecodeHead, FusedMscanStage, depthwise_conv
 from .inference_metaseg import SegmentationPrediction, predict
 
 
@@ -87,6 +87,18 @@ class MetaSegOverlapPatchEmbeddings(nn.Module):
         return self.norm(self.proj(hidden_states))
 
 
+class MetaSegDepthwiseConv(nn.Conv2d):
+    """Depthwise convolution (one filter per channel, stride 1): `nn.Conv2d` with `groups = channels`,
+    the same parameters and results. Compiled for GPU inference it becomes a sum of shifted slices that
+    Inductor fuses (`fusion_metaseg.depthwise_conv`). (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, channels: int, kernel_size, padding):
+        super().__init__(channels, channels, kernel_size, padding=padding, groups=channels)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return depthwise_conv(hidden_states, self.weight, self.bias, self.padding)
+
+
 class MetaSegMultiScaleConvAttention(nn.Module):
     """Multi-scale convolutional attention (MSCA).
 
@@ -98,14 +110,12 @@ class MetaSegMultiScaleConvAttention(nn.Module):
     def __init__(self, config: MetaSegConfig, channels: int):
         super().__init__()
         kernel = config.attention_kernel_size
-        self.local_conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels)
+        self.local_conv = MetaSegDepthwiseConv(channels, kernel, padding=kernel // 2)
         self.horizontal_strips = nn.ModuleList(
-            nn.Conv2d(channels, channels, (1, size), padding=(0, size // 2), groups=channels)
-            for size in config.attention_strip_sizes
+            MetaSegDepthwiseConv(channels, (1, size), padding=(0, size // 2)) for size in config.attention_strip_sizes
         )
         self.vertical_strips = nn.ModuleList(
-            nn.Conv2d(channels, channels, (size, 1), padding=(size // 2, 0), groups=channels)
-            for size in config.attention_strip_sizes
+            MetaSegDepthwiseConv(channels, (size, 1), padding=(size // 2, 0)) for size in config.attention_strip_sizes
         )
         self.channel_mixer = nn.Conv2d(channels, channels, 1)
 
@@ -142,7 +152,7 @@ class MetaSegConvMlp(nn.Module):
     def __init__(self, config: MetaSegConfig, channels: int, hidden_channels: int):
         super().__init__()
         self.fc1 = nn.Conv2d(channels, hidden_channels, 1)
-        self.depthwise_conv = nn.Conv2d(hidden_channels, hidden_channels, 3, padding=1, groups=hidden_channels)
+        self.depthwise_conv = MetaSegDepthwiseConv(hidden_channels, 3, padding=1)
         self.activation = ACT2FN[config.hidden_act]
         self.fc2 = nn.Conv2d(hidden_channels, channels, 1)
 
