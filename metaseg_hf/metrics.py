@@ -144,10 +144,11 @@ class StreamingMeanIoU:
         predictions = predictions.to(device).reshape(-1)
         references = references.to(device).reshape(-1)
         if predictions.numel():
-            self._accumulate(predictions, references)
+            self._count(self._bin_index(predictions, references), predictions)
 
-    def _accumulate(self, predictions: torch.Tensor, references: torch.Tensor) -> None:
-        n, stride = self.num_labels, self._stride
+    def _bin_index(self, predictions: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+        """Flat maps -> the table index `prediction * stride + label` of each pixel (labels checked)."""
+        stride = self._stride
         if self.reduce_labels:  # MMSegmentation's reduce_zero_label: 0 -> ignored, v -> v - 1
             references = references.long()
             references = torch.where(references == 0, self.ignore_index, references - 1)
@@ -162,7 +163,11 @@ class StreamingMeanIoU:
         # prediction * stride + label, in 32 bits when the table allows (half the memory traffic)
         if references.dtype != torch.uint8:  # uint8 labels promote to the index type inside the add
             references = references.to(self._index_dtype)
-        index = torch.add(references, predictions.to(self._index_dtype), alpha=stride)
+        return torch.add(references, predictions.to(self._index_dtype), alpha=stride)
+
+    def _count(self, index: torch.Tensor, predictions: torch.Tensor) -> None:
+        """Adds one `torch.bincount` of the table indices to the counts (predictions checked)."""
+        n, stride = self.num_labels, self._stride
         try:
             counts = torch.bincount(index)
         except RuntimeError:  # negative index: a negative prediction
