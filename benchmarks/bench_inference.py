@@ -125,7 +125,7 @@ def run_cpu(args, report) -> str:
             peer = common.PEERS[family]
             for variant, (model, memory_format) in metaseg_variants(family, "cpu", torch.float32, args.compile).items():
                 models[(family, variant)] = (model, pixel_values.contiguous(memory_format=memory_format))
-            for variant, (model, memory_format) in peer_variants(peer, "cpu", torch.float32, args.compile).items():
+            for variant, (model, _) in peer_variants(peer, "cpu", torch.float32, args.compile).items():
                 models[(peer, variant)] = (model, pixel_values)
             reference = logits_of(*models[(family, "port")])
             for variant in [v for (f, v) in models if f == family and v != "port"]:
@@ -217,7 +217,7 @@ def agreement_check(args, report, compiled=None) -> list[str]:
             return F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear").argmax(1)
 
         for source, build in weights.items():
-            load = lambda: build().to(args.device).eval()  # noqa: E731
+            load = lambda build=build: build().to(args.device).eval()  # noqa: E731
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
             try:
                 reference = load()

@@ -158,7 +158,7 @@ def machine_description(device: str) -> str:
             pass
         hardware = f"{model}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
     try:
-        load = ", load average %.2f %.2f %.2f" % os.getloadavg()
+        load = ", load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     except OSError:
         load = ""
     return (

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
 import metaseg_hf  # noqa: F401  (registers MetaSeg with the Auto classes)
+from metaseg_hf.inference_metaseg import WINDOW_BATCH_SIZE
 from metaseg_hf.visualization import class_fractions, class_map_image, class_palette, legend_image, overlay_image
-from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 
@@ -36,7 +37,7 @@ def parse_args(argv=None):
     parser.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale TTA ratios, e.g. 0.75 1 1.25")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch_size", type=int, default=4, help="sliding windows per forward pass")
+    parser.add_argument("--batch_size", type=int, default=WINDOW_BATCH_SIZE, help="sliding windows per forward pass")
     parser.add_argument("--alpha", type=float, default=0.5, help="colour weight of the overlay")
     parser.add_argument("--trust_remote_code", action="store_true")
     return parser.parse_args(argv)

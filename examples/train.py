@@ -36,6 +36,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import metaseg_hf  # noqa: F401  (registers MetaSeg with the Auto classes)
+from metaseg_hf.checkpoints import (
+    read_training_state,
+    remove_incomplete_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from metaseg_hf.data import (
     DATASET_FORMATS,
     EpochSampler,
@@ -44,22 +50,17 @@ from metaseg_hf.data import (
     load_segmentation_data,
     train_augmentation,
 )
-from metaseg_hf.hub import push_folder_to_hub, write_model_card
+from metaseg_hf.evaluation import evaluate_segmentation
+from metaseg_hf.hub import push_folder_to_hub, training_card_sections, write_model_card
 from metaseg_hf.metrics import StreamingMeanIoU, format_results_table, results_to_json
 from metaseg_hf.presets import OFFICIAL_TRAINING_RECIPE
 from metaseg_hf.synthetic import SYNTHETIC_DEMO_RECIPE, SYNTHETIC_IMAGE_SIZE
 from metaseg_hf.training import (
     build_image_processor,
     build_model,
-    convert_to_sync_batchnorm,
     create_optimizer,
     create_scheduler,
-    evaluate_segmentation,
-    read_training_state,
-    remove_incomplete_checkpoints,
-    resolve_checkpoint,
-    save_checkpoint,
-    training_card_sections,
+    set_cpu_threads,
 )
 
 RECIPE_FLAGS = ("learning_rate", "weight_decay", "lr_scheduler_type", "num_warmup_steps", "max_train_steps",
@@ -81,6 +82,9 @@ def parse_args(argv=None):
     data.add_argument("--label_column_name", help="label column of --dataset_name (found by name otherwise)")
     data.add_argument("--crop_size", type=int, help="training crop side (default: the test size's short side, 512 for ADE20K)")
     data.add_argument("--dataloader_num_workers", type=int, help="data loading processes (default: 0 on CPU, 4 otherwise)")
+    data.add_argument("--num_threads", type=int,
+                      help="torch threads of a single CPU process (default: all cores, also under `accelerate launch`, "
+                           "which otherwise leaves one; OMP_NUM_THREADS other than 1 is kept)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", help="a MetaSeg folder or Hub id to start from")
@@ -155,6 +159,7 @@ def main(argv=None):
         log_with=args.report_to if args.with_tracking else None,
         project_dir=str(output_dir),
     )
+    set_cpu_threads(accelerator, args.num_threads)
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -184,7 +189,7 @@ def main(argv=None):
         image_size=SYNTHETIC_IMAGE_SIZE if synthetic else None, token=args.hub_token,
     )
     if args.sync_bn and accelerator.num_processes > 1 and accelerator.device.type != "cpu":
-        model = convert_to_sync_batchnorm(model)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif args.sync_bn:
         accelerator.print("--sync_bn ignored: it needs several GPU processes (SyncBatchNorm has no CPU backend)")
     set_seed(args.seed + accelerator.process_index)  # same weights everywhere, different dropout per process
@@ -391,20 +396,16 @@ def main(argv=None):
     # 11. Push the folder (without checkpoints) to the Hub; a failure leaves the local output intact.
     if args.push_to_hub and accelerator.is_main_process:
         try:
-            url = push_model_folder(output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
+            url = push_folder_to_hub(  # the final model files only: no checkpoint-*/ nor logs
+                output_dir, args.hub_model_id or output_dir.resolve().name, token=args.hub_token,
+                private=args.hub_private_repo, ignore_patterns=["*/*"],
+            )
         except Exception as error:  # network, authentication, permissions: report, keep the local files
             print(f"Upload to the Hub failed ({type(error).__name__}: {error}). The trained model is complete in "
                   f"{output_dir}; upload it later with metaseg_hf.hub.push_folder_to_hub.", file=sys.stderr)
             return 1
         print(f"Uploaded to {url}")
     return 0
-
-
-def push_model_folder(output_dir: Path, hub_model_id: str | None, token: str | None, private: bool) -> str:
-    """Uploads the final model files of `output_dir` (top-level files: no checkpoint-*/ nor logs) and
-    returns the URL."""
-    repo_id = hub_model_id or output_dir.resolve().name
-    return push_folder_to_hub(output_dir, repo_id, token=token, private=private, ignore_patterns=["*/*"])
 
 
 if __name__ == "__main__":

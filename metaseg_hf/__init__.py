@@ -11,6 +11,7 @@ from transformers import (
     AutoModel,
     AutoModelForSemanticSegmentation,
 )
+from transformers.models.auto import modeling_auto
 
 from .configuration_metaseg import MetaSegConfig
 from .image_processing_metaseg import MetaSegImageProcessor
@@ -39,17 +40,11 @@ MetaSegBackbone.register_for_auto_class("AutoBackbone")
 MetaSegImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 
-def _declare_pipeline_support() -> None:
-    """`pipeline("image-segmentation")` checks model classes against the *names* of Transformers' own
-    semantic-segmentation models, not the registered ones, and logs an error for any other; list MetaSeg."""
-    from transformers.models.auto import modeling_auto
-
-    modeling_auto.MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault(
-        MetaSegConfig.model_type, MetaSegForSemanticSegmentation.__name__
-    )
-
-
-_declare_pipeline_support()
+# Transformers behaviour: pipeline("image-segmentation") checks the model class against the *names* of
+# Transformers' own segmentation models, not registered ones, and logs "not supported" otherwise.
+modeling_auto.MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault(
+    MetaSegConfig.model_type, MetaSegForSemanticSegmentation.__name__
+)
 
 __all__ = [
     "VARIANTS",

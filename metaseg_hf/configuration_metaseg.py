@@ -177,6 +177,7 @@ class MetaSegConfig(BackboneConfigMixin, PretrainedConfig):
                         f"decoder_num_attention_heads[{stage - 2}] = {heads}"
                     )
         positive = {
+            "num_channels": [self.num_channels],
             "depths": self.depths,
             "hidden_sizes": self.hidden_sizes,
             "mlp_ratios": self.mlp_ratios,

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from .configuration_metaseg import MetaSegConfig
-from .presets import ARCHITECTURES, DATASET_PALETTES, VARIANTS, variant_config_kwargs
+from .dataset_metadata import DATASET_PALETTES
+from .presets import ARCHITECTURES, VARIANTS, variant_config_kwargs
 
 # (official key pattern, our key template), tried in order; the first match wins.
 _KEY_RULES = [

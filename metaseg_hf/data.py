@@ -12,8 +12,12 @@ Sources (`load_segmentation_data`):
   `gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png`, 19 classes, 255 ignored;
 - the synthetic scenes of `metaseg_hf.synthetic` when nothing is named (the embedded demo).
 
-Bad data stops with a `DataError` naming the file: a missing label file, label values that are neither
-a class id nor the ignore index, an image and a label of different sizes, an empty split.
+Images and labels are read by `image_io` (the image processor's own reading: EXIF orientation, 8-bit
+RGB, class-id label modes), so training, evaluation and inference see the same pixels. A label file is
+drawn on its image's stored pixels: when the image carries an EXIF orientation, the label is turned with
+it. Bad data stops with a `DataError` naming the file: a missing or unreadable file, a colour label
+image, label values that are neither a class id nor the ignore index, an image and a label of different
+sizes, an empty split.
 
 The training augmentation (`TrainAugmentation`) is MMSegmentation's pipeline of the official configs,
 in numpy/PIL: random rescale of the (long, short) box by 0.5-2.0 keeping the aspect ratio, random crop
@@ -34,29 +38,26 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .image_processing_metaseg import image_to_rgb
+from .image_io import (
+    IGNORE_INDEX,
+    apply_orientation,
+    exif_orientation,
+    open_image_file,
+    read_image,
+    read_label,
+    reduce_zero_label,
+)
+from .inference_metaseg import preprocess_scales
 from .presets import DATASET_CLASSES, DATASETS, OFFICIAL_TRAINING_RECIPE
 
-IGNORE_INDEX = 255
 DATASET_FORMATS = ("imagefolder", "ade20k", "cityscapes")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 LABEL_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp")
 LABEL_FOLDER_NAMES = ("labels", "annotations", "masks")
 IMAGE_COLUMN_NAMES = ("image", "pixel_values", "img")
 LABEL_COLUMN_NAMES = ("label", "annotation", "semantic_map", "segmentation", "mask", "labels")
-_LABEL_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N", "1")
-_EXIF_ORIENTATION = 0x0112
-_ORIENTATION_TRANSPOSES = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-
-
+# Names of a `datasets` validation split, in order of preference.
+VALIDATION_SPLIT_NAMES = ("validation", "val", "test")
 class DataError(ValueError):
     """Unusable training or validation data; the message names the file or folder and the fix."""
 
@@ -90,38 +91,35 @@ class SegmentationSplit:
         return str(self.pairs[index][0])
 
     def load(self, index: int):
+        """(image as 8-bit RGB `PIL.Image`, label as an (H, W) int64 numpy array of raw values, name)."""
         if self.dataset is not None:
             row = self.dataset[int(index)]
             name = self.sample_name(index)
             image, label = row[self.image_column], row[self.label_column]
-            if isinstance(image, (str, os.PathLike)):
-                image = _open(image, name)
-            if isinstance(label, (str, os.PathLike)):
-                label = _open(label, f"label of {name}")
-            image = _to_rgb(image, name)
-            label = _label_array(label, f"label of {name}")
+            label_name = f"label of {name}"
         else:
-            image_path, label_path = self.pairs[index]
-            name = str(image_path)
-            if not Path(label_path).is_file():
-                raise DataError(f"Missing label file for {image_path}: {label_path} does not exist")
-            image = _open(image_path, name)
-            label_image = _open(label_path, str(label_path))
-            orientation = image.getexif().get(_EXIF_ORIENTATION, 1) if hasattr(image, "getexif") else 1
-            if orientation in _ORIENTATION_TRANSPOSES and label_image.size == image.size:
-                # The image processor applies the EXIF orientation; the label was drawn on the stored pixels.
-                label_image = label_image.transpose(_ORIENTATION_TRANSPOSES[orientation])
-            image = _to_rgb(image, name)
-            label = _label_array(label_image, str(label_path))
-            name = f"{image_path} (label {label_path})"
-        if label.shape != (image.height, image.width):
+            image, label = self.pairs[index]
+            name, label_name = str(image), str(label)
+            if not Path(label).is_file():
+                raise DataError(f"Missing label file for {image}: {label} does not exist")
+        if isinstance(image, (str, os.PathLike)):
+            image = _read(open_image_file, image, name)
+        if isinstance(label, (str, os.PathLike)):
+            label = _read(open_image_file, label, label_name)
+        if isinstance(image, Image.Image) and isinstance(label, Image.Image):
+            label = _orient_label_like_image(label, image)
+        rgb = _read(read_image, image, name)
+        label = _read(read_label, label, label_name).numpy()
+        if self.dataset is None:
+            name = f"{name} (label {label_name})"
+        if label.shape != tuple(rgb.shape[:2]):
             raise DataError(
-                f"Image and label of different sizes: {name}: image is {image.height}x{image.width} "
+                f"Image and label of different sizes: {name}: image is {rgb.shape[0]}x{rgb.shape[1]} "
                 f"(HxW) but the label is {label.shape[0]}x{label.shape[1]}"
             )
-        return image, label, name
+        return Image.fromarray(rgb.numpy()), label, name
 
-    def subset(self, indices, name: str) -> "SegmentationSplit":
+    def subset(self, indices, name: str) -> SegmentationSplit:
         """The same split restricted to `indices` (used to carve a validation split out of train)."""
         indices = [int(index) for index in indices]
         if self.dataset is not None:
@@ -130,52 +128,29 @@ class SegmentationSplit:
         return SegmentationSplit(name, f"{self.source} ({name} part)", pairs=[self.pairs[index] for index in indices])
 
 
-def _open(path, name: str) -> Image.Image:
+def _read(reader, value, name: str):
+    """`reader(value, name)`, one of `image_io`'s readers, with its error raised as a `DataError` (same message)."""
     try:
-        image = Image.open(path)
-        image.load()
-    except FileNotFoundError:
-        raise DataError(f"{name}: file {path} does not exist") from None
-    except OSError as error:
-        raise DataError(f"{name}: cannot read {path} as an image ({error})") from None
-    return image
-
-
-def _to_rgb(image, name: str) -> Image.Image:
-    """The image as the official pipeline reads it (the image processor's own conversion: EXIF
-    orientation, alpha dropped, grey/palette/CMYK/16-bit to 8-bit RGB), as a PIL image."""
-    try:
-        return Image.fromarray(image_to_rgb(image, name).numpy())
+        return reader(value, name)
     except (TypeError, ValueError) as error:
         raise DataError(str(error)) from error
 
 
-def _label_array(label, name: str) -> np.ndarray:
-    if isinstance(label, Image.Image):
-        if label.mode not in _LABEL_MODES:
-            raise DataError(
-                f"{name}: label images must hold one class id per pixel (mode L, P, I or I;16), got mode "
-                f"{label.mode!r}; colour-coded labels must be converted to class-id PNGs first"
-            )
-        label = np.asarray(label)
-    elif isinstance(label, torch.Tensor):
-        label = label.numpy()
-    else:
-        label = np.asarray(label)
-    if label.ndim == 3 and label.shape[-1] == 1:
-        label = label[..., 0]
-    if label.ndim != 2 or not (np.issubdtype(label.dtype, np.integer) or label.dtype == bool):
-        raise DataError(f"{name}: a label must be a 2-D map of integer class ids, got {label.dtype} {label.shape}")
+def _orient_label_like_image(label: Image.Image, image: Image.Image) -> Image.Image:
+    """The label turned as its image's EXIF orientation turns the image: label files are drawn on the
+    stored pixels and carry no orientation of their own (one that does is applied by `read_label`)."""
+    orientation = exif_orientation(image)
+    if orientation != 1 and exif_orientation(label) == 1 and label.size == image.size:
+        return apply_orientation(label, orientation)
     return label
 
 
 def prepare_label(label: np.ndarray, name: str, num_labels: int, reduce_labels: bool, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-    """Reduces ADE20K-style labels (0 -> ignore, v -> v - 1) and checks every value is a class id or
-    the ignore index; returns a uint8 map. Raises `DataError` naming the file and the bad values."""
-    label = label.astype(np.int64, copy=False)
-    if reduce_labels:  # MMSegmentation's reduce_zero_label
-        label = np.where(label == 0, ignore_index, label - 1)
-        label[label == ignore_index - 1] = ignore_index
+    """Reduces ADE20K-style labels (`image_io.reduce_zero_label`) and checks every value is a class id or
+    the ignore index; (H, W) integer array -> (H, W) uint8 map. Raises `DataError` naming the file and the bad values."""
+    label = np.asarray(label, dtype=np.int64)
+    if reduce_labels:
+        label = reduce_zero_label(torch.from_numpy(label), ignore_index).numpy()
     bad = (label != ignore_index) & ((label < 0) | (label >= num_labels))
     if bad.any():
         values = np.unique(label[bad])
@@ -316,17 +291,16 @@ def infer_num_labels(splits, reduce_labels: bool, ignore_index: int = IGNORE_IND
     for split in splits:
         for index in range(len(split)):
             if split.dataset is not None:
-                label = _label_array(split.dataset[index][split.label_column], split.sample_name(index))
+                label, name = split.dataset[index][split.label_column], f"label of {split.sample_name(index)}"
             else:
-                label_path = split.pairs[index][1]
-                if not Path(label_path).is_file():
-                    raise DataError(f"Missing label file for {split.pairs[index][0]}: {label_path} does not exist")
-                label = _label_array(_open(label_path, str(label_path)), str(label_path))
-            values = np.unique(label)
+                label, name = split.pairs[index][1], str(split.pairs[index][1])
+                if not Path(label).is_file():
+                    raise DataError(f"Missing label file for {split.pairs[index][0]}: {label} does not exist")
+            values = torch.unique(_read(read_label, label, name))
             if reduce_labels:
-                values = values[values != 0] - 1
+                values = reduce_zero_label(values, ignore_index)
             values = values[values != ignore_index]
-            if values.size:
+            if values.numel():
                 largest = max(largest, int(values.max()))
     if largest < 0:
         raise DataError("Every label pixel is ignored: no class ids found in the labels")
@@ -346,7 +320,8 @@ def _column(names, candidates, explicit, what, source):
     )
 
 
-def _hub_dataset(dataset_name: str, image_column, label_column, train_val_split, seed, id2label):
+def _load_dataset_dict(dataset_name: str):
+    """All splits of a `datasets` Hub id or `save_to_disk` folder, as a `DatasetDict` (a lone split is "train")."""
     import datasets
 
     path = Path(dataset_name)
@@ -356,23 +331,31 @@ def _hub_dataset(dataset_name: str, image_column, label_column, train_val_split,
         loaded = datasets.load_dataset(dataset_name)
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
-    if "train" not in loaded:
-        raise DataError(f"{dataset_name} has no 'train' split (splits: {', '.join(loaded)})")
-    names = loaded["train"].column_names
-    image_column = _column(names, IMAGE_COLUMN_NAMES, image_column, "image", dataset_name)
-    label_column = _column(names, LABEL_COLUMN_NAMES, label_column, "label", dataset_name)
-    if len(loaded["train"]) == 0:
-        raise DataError(f"Empty split: {dataset_name}[train] has no rows")
-    train = SegmentationSplit("train", f"{dataset_name}[train]", dataset=loaded["train"], image_column=image_column, label_column=label_column)
-    validation_name = next((name for name in ("validation", "val", "test") if name in loaded), None)
+    return loaded
+
+
+def _dataset_split(loaded, dataset_name: str, split: str, role: str, image_column, label_column) -> SegmentationSplit:
+    """Split `split` of a loaded `DatasetDict` as the `role` ("train"/"validation") split, columns found by name."""
+    if split not in loaded:
+        raise DataError(f"{dataset_name} has no {split!r} split (splits: {', '.join(loaded)})")
+    rows = loaded[split]
+    image_column = _column(rows.column_names, IMAGE_COLUMN_NAMES, image_column, "image", dataset_name)
+    label_column = _column(rows.column_names, LABEL_COLUMN_NAMES, label_column, "label", dataset_name)
+    if len(rows) == 0:
+        raise DataError(f"Empty split: {dataset_name}[{split}] has no rows")
+    return SegmentationSplit(role, f"{dataset_name}[{split}]", dataset=rows, image_column=image_column, label_column=label_column)
+
+
+def _hub_dataset(dataset_name: str, image_column, label_column, train_val_split, seed, id2label):
+    loaded = _load_dataset_dict(dataset_name)
+    train = _dataset_split(loaded, dataset_name, "train", "train", image_column, label_column)
+    validation_name = next((name for name in VALIDATION_SPLIT_NAMES if name in loaded), None)
     validation = None
     if validation_name is not None:
-        if len(loaded[validation_name]) == 0:
-            raise DataError(f"Empty split: {dataset_name}[{validation_name}] has no rows")
-        validation = SegmentationSplit(
-            "validation", f"{dataset_name}[{validation_name}]", dataset=loaded[validation_name],
-            image_column=image_column, label_column=label_column,
+        validation = _dataset_split(
+            loaded, dataset_name, validation_name, "validation", train.image_column, train.label_column
         )
+    path = Path(dataset_name)
     if id2label is None and not path.is_dir():
         id2label = _hub_id2label(dataset_name)
     if id2label is None and path.is_dir():
@@ -380,6 +363,20 @@ def _hub_dataset(dataset_name: str, image_column, label_column, train_val_split,
     if validation is None and train_val_split:
         train, validation = split_off_validation(train, train_val_split, seed)
     return train, validation, id2label
+
+
+def _layout_split(dataset_format: str, root, role: str) -> SegmentationSplit:
+    """The `role` ("train"/"validation") split of an ADE20K or Cityscapes folder."""
+    read_pairs = ade20k_pairs if dataset_format == "ade20k" else cityscapes_pairs
+    return SegmentationSplit(role, f"{dataset_format} {root} ({role})", pairs=read_pairs(root, role))
+
+
+def _synthetic_split(role: str, count: int, size: int, seed: int) -> SegmentationSplit:
+    """The synthetic scenes' `role` split (`metaseg_hf.synthetic`)."""
+    from .synthetic import SyntheticScenes
+
+    scenes = SyntheticScenes(role, count, size, seed)
+    return SegmentationSplit(role, f"synthetic scenes[{role}]", dataset=scenes, image_column="image", label_column="label")
 
 
 def _hub_id2label(dataset_name: str) -> dict | None:
@@ -453,26 +450,18 @@ def load_segmentation_data(
             reduce_default = False
             description = f"images and labels from `{Path(train_dir).name}`"
         else:
-            read_pairs = ade20k_pairs if fmt == "ade20k" else cityscapes_pairs
-            train = SegmentationSplit("train", f"{fmt} {train_dir} (train)", pairs=read_pairs(train_dir, "train"))
-            validation_root = validation_dir or train_dir
-            validation = SegmentationSplit(
-                "validation", f"{fmt} {validation_root} (validation)", pairs=read_pairs(validation_root, "validation")
-            )
+            train = _layout_split(fmt, train_dir, "train")
+            validation = _layout_split(fmt, validation_dir or train_dir, "validation")
             id2label = id2label or dict(enumerate(DATASET_CLASSES[fmt]))
             reduce_default = DATASETS[fmt]["do_reduce_labels"]
             description = {"ade20k": "ADE20K (ADEChallengeData2016)", "cityscapes": "Cityscapes (gtFine, train ids)"}[fmt]
     else:
-        from .synthetic import SYNTHETIC_ID2LABEL, SYNTHETIC_IMAGE_SIZE, SYNTHETIC_NUM_IMAGES, SyntheticScenes
+        from .synthetic import SYNTHETIC_ID2LABEL, SYNTHETIC_IMAGE_SIZE, SYNTHETIC_NUM_IMAGES
 
         counts = {**SYNTHETIC_NUM_IMAGES, **(synthetic_num_images or {})}
         size = synthetic_image_size or SYNTHETIC_IMAGE_SIZE
-        train = SegmentationSplit("train", "synthetic scenes[train]", dataset=SyntheticScenes("train", counts["train"], size, seed),
-                                  image_column="image", label_column="label")
-        validation = SegmentationSplit(
-            "validation", "synthetic scenes[validation]", dataset=SyntheticScenes("validation", counts["validation"], size, seed),
-            image_column="image", label_column="label",
-        )
+        train = _synthetic_split("train", counts["train"], size, seed)
+        validation = _synthetic_split("validation", counts["validation"], size, seed)
         id2label, fmt, reduce_default = dict(SYNTHETIC_ID2LABEL), "synthetic", False
         description = (
             f"the embedded synthetic scenes (`metaseg_hf.synthetic`, seed {seed}, {size}x{size} pixels)"
@@ -487,6 +476,43 @@ def load_segmentation_data(
     if len(id2label) >= IGNORE_INDEX:
         raise DataError(f"{len(id2label)} classes collide with the ignore index {IGNORE_INDEX}: at most 255 classes")
     return SegmentationData(train, validation, id2label, reduce_labels, fmt, description, hub_dataset_id)
+
+
+def load_evaluation_split(
+    dataset_name: str | None = None,
+    data_dir: str | None = None,
+    dataset_format: str = "imagefolder",
+    split: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    seed: int = 0,
+) -> tuple[SegmentationSplit, bool | None]:
+    """One labelled split to score a trained model on, and whether its labels are ADE20K-style.
+
+    - `dataset_name`: split `split` (default: the first of "validation", "val", "test") of a `datasets`
+      Hub id or `save_to_disk` folder, columns found by name (or given);
+    - `data_dir` with `dataset_format`: `"imagefolder"` (the folder is the split, `images/` + `labels/`),
+      `"ade20k"` or `"cityscapes"` (the dataset root; its validation split);
+    - nothing: the synthetic validation scenes (`metaseg_hf.synthetic`, as the training demo splits them).
+
+    Returns the split and the layout's `do_reduce_labels` (True for ADE20K), or None when the source
+    does not say (a `datasets` dataset, an image folder): then the model's image processor knows.
+    """
+    if dataset_name and data_dir:
+        raise DataError("Give either --dataset_name or --data_dir, not both")
+    if dataset_format not in DATASET_FORMATS:
+        raise DataError(f"Unknown --dataset_format {dataset_format!r}; use one of {', '.join(DATASET_FORMATS)}")
+    if dataset_name:
+        loaded = _load_dataset_dict(dataset_name)
+        name = split or next((name for name in VALIDATION_SPLIT_NAMES if name in loaded), VALIDATION_SPLIT_NAMES[0])
+        return _dataset_split(loaded, dataset_name, name, "validation", image_column, label_column), None
+    if data_dir:
+        if dataset_format == "imagefolder":
+            return SegmentationSplit("validation", str(data_dir), pairs=imagefolder_pairs(data_dir)), None
+        return _layout_split(dataset_format, data_dir, split or "validation"), DATASETS[dataset_format]["do_reduce_labels"]
+    from .synthetic import SYNTHETIC_IMAGE_SIZE, SYNTHETIC_NUM_IMAGES
+
+    return _synthetic_split("validation", SYNTHETIC_NUM_IMAGES["validation"], SYNTHETIC_IMAGE_SIZE, seed), False
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -697,16 +723,18 @@ class SegmentationTrainDataset(torch.utils.data.Dataset):
 
 
 class SegmentationEvalDataset(torch.utils.data.Dataset):
-    """Validation images through the image processor (the official test preprocessing), with the
-    label at its original resolution: item -> `{"pixel_values": (3, h, w), "labels": (H, W) int64, "name"}`."""
+    """Validation images through the image processor (the official test preprocessing, at each test-time
+    scale of `scales`), with the label at its original resolution: item -> `{"pixel_values": [(C, h_s, w_s)
+    float32 per scale], "labels": (H, W) int64, "name": str}`. Score it with `metaseg_hf.evaluation`."""
 
     def __init__(self, split: SegmentationSplit, image_processor, num_labels: int, reduce_labels: bool = False,
-                 ignore_index: int = IGNORE_INDEX):
+                 ignore_index: int = IGNORE_INDEX, scales=(1.0,)):
         self.split = split
         self.image_processor = image_processor
         self.num_labels = num_labels
         self.reduce_labels = reduce_labels
         self.ignore_index = ignore_index
+        self.scales = tuple(scales)
 
     def __len__(self) -> int:
         return len(self.split)
@@ -714,26 +742,14 @@ class SegmentationEvalDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         image, label, name = self.split.load(index)
         label = prepare_label(label, name, self.num_labels, self.reduce_labels, self.ignore_index)
-        pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        pixel_values = [batch[0] for batch in preprocess_scales(self.image_processor, image, self.scales)]
         return {"pixel_values": pixel_values, "labels": torch.from_numpy(label.astype(np.int64)), "name": name}
-
-
-def collate_list(items):
-    """Keeps a batch as a list (validation images have different sizes)."""
-    return list(items)
-
-
-def shard_indices(num_items: int, process_index: int, num_processes: int) -> list[int]:
-    """The indices process `process_index` evaluates: every `num_processes`-th item, no padding, no
-    duplicates, so confusion matrices summed over processes count each image exactly once."""
-    return list(range(process_index, num_items, num_processes))
 
 
 __all__ = [
     "DATASET_FORMATS",
     "DataError",
     "EpochSampler",
-    "IGNORE_INDEX",
     "SegmentationData",
     "SegmentationEvalDataset",
     "SegmentationSplit",
@@ -742,13 +758,12 @@ __all__ = [
     "ade20k_pairs",
     "check_label_files",
     "cityscapes_pairs",
-    "collate_list",
     "imagefolder_pairs",
     "infer_num_labels",
+    "load_evaluation_split",
     "load_segmentation_data",
     "photometric_distortion",
     "prepare_label",
-    "shard_indices",
     "split_off_validation",
     "train_augmentation",
 ]

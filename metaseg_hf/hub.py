@@ -1,5 +1,6 @@
 """Model cards and Hub uploads for MetaSeg model folders (conversion and training share these)."""
 
+import math
 import os
 from pathlib import Path
 
@@ -35,6 +36,36 @@ With the `metaseg-hf` package installed (`import metaseg_hf`), `trust_remote_cod
         body += [f"## {heading}", "", text.strip(), ""]
     body += ["## Licence", "", "MIT, as the official MetaSeg code.", ""]
     return "\n".join(header + body)
+
+
+def _percent(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+
+
+def training_card_sections(data_description: str, id2label: dict, hyperparameters: dict, results: dict | None,
+                           command: str | None = None) -> dict[str, str]:
+    """Model-card sections (heading -> markdown) for a trained model: training data, training
+    procedure (the resolved recipe), evaluation results with a per-class table."""
+    names = [id2label[index] for index in sorted(id2label)]
+    shown = ", ".join(f"`{name}`" for name in names[:40]) + (f" ... ({len(names)} in all)" if len(names) > 40 else "")
+    sections = {"Training data": f"Trained on {data_description}.\n\n{len(names)} classes: {shown}."}
+    rows = ["| setting | value |", "|---|---|"] + [f"| {key} | {value} |" for key, value in hyperparameters.items()]
+    procedure = "Trained with `examples/train.py` of metaseg-hf (Accelerate).\n\n" + "\n".join(rows)
+    if command:
+        procedure += f"\n\nCommand:\n\n```bash\n{command}\n```"
+    sections["Training procedure"] = procedure
+    if results:
+        lines = [
+            f"Validation (whole-image inference at the official test size, scored at the labels' original resolution): "
+            f"**mIoU {_percent(results['mean_iou'])}**, mean accuracy {_percent(results['mean_accuracy'])}, "
+            f"overall accuracy {_percent(results['overall_accuracy'])}.",
+            "",
+            "| class | IoU | accuracy |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {row['name']} | {_percent(row['iou'])} | {_percent(row['accuracy'])} |" for row in results["per_class"]]
+        sections["Evaluation results"] = "\n".join(lines)
+    return sections
 
 
 def write_model_card(folder: str | os.PathLike, config, title: str, sections: dict[str, str], datasets=None) -> Path:

@@ -1,7 +1,9 @@
 """Whole-image, sliding-window and test-time-augmented inference, as the official MMSegmentation test logic.
 
-`predict` runs a model on processed `pixel_values`; `segment` also preprocesses images (needed for
-multi-scale TTA). Both return per-image class maps and probabilities at the original image size.
+`predict` runs a model on processed `pixel_values` (one batch, or one batch per test-time scale);
+`segment` also reads and preprocesses images (`preprocess_scales`). Both return per-image class maps and
+probabilities at the original image size. The image processor's post-processing, the evaluation during
+training and `examples/evaluate.py` all go through `predict` / `logits_to_prediction`.
 Memory stays bounded: windows go through the model `window_batch_size` at a time, and the resize to
 the original size, softmax and argmax run over row bands, so a 4000x6000 photo never materialises its
 (num_labels, 4000, 6000) probabilities unless asked to.
@@ -15,6 +17,8 @@ from torch.nn import functional as F
 # Elements (classes x rows x columns) per band when resizing logits to the original size: bounds
 # the peak memory of the final resize + softmax to about 64 MB per augmentation.
 BAND_ELEMENTS = 2**24
+# Sliding windows per forward pass in "slide" mode (the result does not depend on it).
+WINDOW_BATCH_SIZE = 4
 
 
 @dataclass
@@ -59,7 +63,7 @@ def whole_logits(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def sliding_window_logits(
-    model, pixel_values: torch.Tensor, window_size, window_stride, window_batch_size: int = 4
+    model, pixel_values: torch.Tensor, window_size, window_stride, window_batch_size: int = WINDOW_BATCH_SIZE
 ) -> torch.Tensor:
     """(B, 3, H, W) -> (B, num_labels, H, W) float32: each window's logits resized to the window,
     summed into the map and divided by the per-pixel window count (the official `slide` mode)."""
@@ -87,7 +91,12 @@ def sliding_window_logits(
 
 
 def input_size_logits(
-    model, pixel_values: torch.Tensor, mode: str = "whole", window_size=None, window_stride=None, window_batch_size=4
+    model,
+    pixel_values: torch.Tensor,
+    mode: str = "whole",
+    window_size=None,
+    window_stride=None,
+    window_batch_size: int = WINDOW_BATCH_SIZE,
 ) -> torch.Tensor:
     """Logits at the input size, in `whole` or `slide` mode. (B, 3, H, W) -> (B, num_labels, H, W)."""
     if mode == "whole":
@@ -128,6 +137,13 @@ def _resize_band(logits: torch.Tensor, size: tuple[int, int], rows: slice) -> to
     return upper.lerp_(needed.index_select(1, bottom - first), weight[:, None])
 
 
+def resize_logits(logits: torch.Tensor, size) -> torch.Tensor:
+    """(num_labels, h, w) -> (num_labels, height, width) float32: the bilinear resize (align_corners=False)
+    that `logits_to_prediction` applies band by band, all at once (same values, so its argmax is the same map)."""
+    height = int(size[0])
+    return _resize_band(logits.float(), (height, int(size[1])), slice(0, height))
+
+
 def logits_to_prediction(
     logit_maps: list[torch.Tensor],
     original_size: tuple[int, int],
@@ -159,15 +175,17 @@ def logits_to_prediction(
 
 
 def _resolve_mode(model, mode, window_size, window_stride):
-    config = model.config
-    mode = mode or config.inference_mode
+    """The test mode and window: the given ones, else the model config's official ones (the config is only
+    read for what is not given, so a wrapped model (DDP) works with an explicit mode)."""
+    if mode is None:
+        mode = model.config.inference_mode
     if mode == "slide":
-        window_size = window_size or config.sliding_window_size
-        window_stride = window_stride or config.sliding_window_stride
+        window_size = window_size or model.config.sliding_window_size
+        window_stride = window_stride or model.config.sliding_window_stride
     return mode, window_size, window_stride
 
 
-def _augmented_logit_maps(model, pixel_values, flip, **inference_kwargs) -> list[torch.Tensor]:
+def _augmented_logit_maps(model, pixel_values, flip, **inference_kwargs) -> list[list[torch.Tensor]]:
     """Per-image lists of input-size logit maps: the plain pass and, with `flip`, the flipped one flipped back."""
     maps = [list(input_size_logits(model, pixel_values, **inference_kwargs))]
     if flip:
@@ -178,47 +196,77 @@ def _augmented_logit_maps(model, pixel_values, flip, **inference_kwargs) -> list
 
 def predict(
     model,
-    pixel_values: torch.Tensor,
+    pixel_values,
     original_sizes=None,
     input_sizes=None,
     mode: str | None = None,
     window_size=None,
     window_stride=None,
     flip: bool = False,
-    window_batch_size: int = 4,
+    window_batch_size: int = WINDOW_BATCH_SIZE,
     return_probabilities: bool = False,
 ) -> list[SegmentationPrediction]:
-    """Segments processed images: (B, 3, H, W) `pixel_values` -> one `SegmentationPrediction` per image.
+    """Segments processed images: `pixel_values` -> one `SegmentationPrediction` per image.
 
+    pixel_values: a (B, C, H, W) batch, or a list of such batches, one per test-time scale (the same
+    images preprocessed at each scale, e.g. by `preprocess_scales`); the probabilities of every scale and
+    flip are averaged, as MMSegmentation's multi-scale test does.
     mode: "whole" or "slide" (default: the model config's official test mode, with its window).
     original_sizes: (H, W) per image to resize to (default: the input size). input_sizes: the valid
-    (h, w) of each image in a padded batch (default: the whole input). flip: horizontal-flip TTA.
+    (h, w) of each image in a padded batch (default: the whole input; one scale only). flip: horizontal-flip TTA.
     """
-    mode, window_size, window_stride = _resolve_mode(model, mode, window_size, window_stride)
-    batch_size, _, height, width = pixel_values.shape
-    input_sizes = input_sizes or [(height, width)] * batch_size
-    original_sizes = original_sizes or input_sizes
-    if len(input_sizes) != batch_size or len(original_sizes) != batch_size:
+    batches = list(pixel_values) if isinstance(pixel_values, (list, tuple)) else [pixel_values]
+    if not batches:
+        raise ValueError("predict() got an empty list of pixel_values; expected one (B, C, H, W) batch per scale")
+    batch_size = batches[0].shape[0]
+    if any(batch.ndim != 4 or batch.shape[0] != batch_size for batch in batches):
+        shapes = [tuple(batch.shape) for batch in batches]
+        raise ValueError(f"pixel_values must be (B, C, H, W) batches of the same images at each scale, got {shapes}")
+    if input_sizes is not None and len(batches) > 1:
         raise ValueError(
-            f"Got {batch_size} images but {len(input_sizes)} input_sizes and {len(original_sizes)} original_sizes"
+            f"input_sizes crops a padded batch, but {len(batches)} scales were given; pass unpadded batches per scale"
         )
-    per_image_maps = _augmented_logit_maps(
-        model, pixel_values, flip, mode=mode, window_size=window_size, window_stride=window_stride,
-        window_batch_size=window_batch_size,
-    )
+    mode, window_size, window_stride = _resolve_mode(model, mode, window_size, window_stride)
+    height, width = batches[0].shape[-2:]
+    original_sizes = original_sizes or input_sizes or [(height, width)] * batch_size
+    if len(original_sizes) != batch_size or (input_sizes is not None and len(input_sizes) != batch_size):
+        raise ValueError(
+            f"Got {batch_size} images but {len(input_sizes or [])} input_sizes and {len(original_sizes)} original_sizes"
+        )
+    per_image_maps = [[] for _ in range(batch_size)]
+    for batch in batches:
+        maps = _augmented_logit_maps(
+            model, batch, flip, mode=mode, window_size=window_size, window_stride=window_stride,
+            window_batch_size=window_batch_size,
+        )
+        for image_maps, new_maps in zip(per_image_maps, maps):
+            image_maps += new_maps
     predictions = []
-    for maps, (valid_h, valid_w), original_size in zip(per_image_maps, input_sizes, original_sizes):
-        maps = [logits[:, :valid_h, :valid_w] for logits in maps]
+    for index, (maps, original_size) in enumerate(zip(per_image_maps, original_sizes)):
+        if input_sizes is not None:
+            valid_h, valid_w = input_sizes[index]
+            maps = [logits[:, :valid_h, :valid_w] for logits in maps]
         predictions.append(logits_to_prediction(maps, tuple(original_size), return_probabilities))
     return predictions
 
 
 def _scaled_size(size, ratio: float) -> dict:
     """The processor's resize target scaled by `ratio`, as MMSegmentation's MultiScaleFlipAug scales its box."""
-    if ratio == 1.0:
-        return None
     keys = [key for key in ("height", "width", "shortest_edge", "longest_edge") if getattr(size, key, None)]
     return {key: int(getattr(size, key) * ratio) for key in keys}
+
+
+def preprocess_scales(image_processor, image, scales=(1.0,), input_data_format=None) -> list[torch.Tensor]:
+    """One image's `pixel_values`, (1, C, h, w), at each test-time scale: the processor's resize box
+    scaled by each ratio (MMSegmentation's MultiScaleFlipAug; 1.0 is the processor's own size)."""
+    if not scales or any(ratio <= 0 for ratio in scales):
+        raise ValueError(f"scales must be positive resize ratios, got {scales!r}")
+    batches = []
+    for ratio in scales:
+        overrides = {"size": _scaled_size(image_processor.size, ratio)} if ratio != 1.0 else {}
+        inputs = image_processor(images=image, input_data_format=input_data_format, return_tensors="pt", **overrides)
+        batches.append(inputs["pixel_values"])
+    return batches
 
 
 def segment(
@@ -230,11 +278,11 @@ def segment(
     window_stride=None,
     flip: bool = False,
     scales=(1.0,),
-    window_batch_size: int = 4,
+    window_batch_size: int = WINDOW_BATCH_SIZE,
     return_probabilities: bool = False,
 ) -> list[SegmentationPrediction]:
-    """Segments images end to end: preprocessing (at each TTA scale), whole or sliding-window inference,
-    and the official resize to each image's original size.
+    """Segments images end to end: reading and preprocessing (at each TTA scale), whole or sliding-window
+    inference, and the official resize to each image's original size.
 
     images: one image or a list (PIL, numpy, torch, paths; anything `image_processor` accepts).
     scales: resize ratios of the processor's box for multi-scale TTA (official: 0.5 ... 1.75); the
@@ -244,21 +292,13 @@ def segment(
         images = [images]
     if not images:
         raise ValueError("segment() got an empty list of images")
-    if not scales or any(ratio <= 0 for ratio in scales):
-        raise ValueError(f"scales must be positive resize ratios, got {scales!r}")
-    mode, window_size, window_stride = _resolve_mode(model, mode, window_size, window_stride)
     predictions = []
     for image in images:
-        rgb = image_processor.to_rgb(image)
-        maps = []
-        for ratio in scales:
-            overrides = {"size": _scaled_size(image_processor.size, ratio)} if ratio != 1.0 else {}
-            pixel_values = image_processor(
-                images=rgb, input_data_format="channels_last", return_tensors="pt", **overrides
-            )["pixel_values"]
-            maps += _augmented_logit_maps(
-                model, pixel_values, flip, mode=mode, window_size=window_size, window_stride=window_stride,
-                window_batch_size=window_batch_size,
-            )[0]
-        predictions.append(logits_to_prediction(maps, tuple(rgb.shape[:2]), return_probabilities))
+        read = image_processor.read_image(image)
+        batches = preprocess_scales(image_processor, read, scales, input_data_format="channels_last")
+        predictions += predict(
+            model, batches, original_sizes=[tuple(read.shape[:2])], mode=mode, window_size=window_size,
+            window_stride=window_stride, flip=flip, window_batch_size=window_batch_size,
+            return_probabilities=return_probabilities,
+        )
     return predictions

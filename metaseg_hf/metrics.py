@@ -31,8 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-DEFAULT_IGNORE_INDEX = 255
+from .image_io import IGNORE_INDEX, read_label, reduce_zero_label
+
 # The same metric as an `evaluate` module: `evaluate.load(str(EVALUATE_METRIC_PATH))` works offline.
 EVALUATE_METRIC_PATH = Path(__file__).resolve().parent / "evaluate_metric" / "metaseg_mean_iou"
 
@@ -42,8 +44,8 @@ def _as_tensor(value, name: str) -> torch.Tensor:
         return value
     if isinstance(value, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(value))
-    if hasattr(value, "size") and hasattr(value, "mode"):  # a PIL image (label maps are mode "L"/"P"/"I")
-        return torch.from_numpy(np.asarray(value).copy())
+    if isinstance(value, Image.Image):  # a label image: read as the image processor reads label maps
+        return read_label(value, name)
     raise TypeError(f"{name} must be torch tensors, numpy arrays or PIL images, got {type(value).__name__}")
 
 
@@ -62,7 +64,7 @@ class StreamingMeanIoU:
     def __init__(
         self,
         num_labels: int,
-        ignore_index: int = DEFAULT_IGNORE_INDEX,
+        ignore_index: int = IGNORE_INDEX,
         id2label: dict | None = None,
         reduce_labels: bool = False,
         device: torch.device | str | None = None,
@@ -149,10 +151,8 @@ class StreamingMeanIoU:
     def _bin_index(self, predictions: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
         """Flat maps -> the table index `prediction * stride + label` of each pixel (labels checked)."""
         stride = self._stride
-        if self.reduce_labels:  # MMSegmentation's reduce_zero_label: 0 -> ignored, v -> v - 1
-            references = references.long()
-            references = torch.where(references == 0, self.ignore_index, references - 1)
-            references = torch.where(references == self.ignore_index - 1, self.ignore_index, references)
+        if self.reduce_labels:
+            references = reduce_zero_label(references, self.ignore_index)
         if references.dtype != torch.uint8 or self._remap_ignore:
             if self._remap_ignore:
                 references = torch.where(references == self.ignore_index, self._ignore_column, references.long())
@@ -199,7 +199,7 @@ class StreamingMeanIoU:
             + ("" if self.reduce_labels else " (ADE20K-style labels with 0 = 'other' need reduce_labels=True)")
         )
 
-    def merge(self, other: "StreamingMeanIoU") -> "StreamingMeanIoU":
+    def merge(self, other: StreamingMeanIoU) -> StreamingMeanIoU:
         """Adds another metric's counts to this one (same labels and ignore index); returns self."""
         if (other.num_labels, other.ignore_index) != (self.num_labels, self.ignore_index):
             raise ValueError(
@@ -212,7 +212,7 @@ class StreamingMeanIoU:
             self._counts += other._counts.to(self._counts.device)
         return self
 
-    def synced(self, accelerator=None) -> "StreamingMeanIoU":
+    def synced(self, accelerator=None) -> StreamingMeanIoU:
         """A copy whose matrix is the sum over all processes (this one is left as it is).
 
         Uses `accelerator.reduce` when an `accelerate.Accelerator` is given, otherwise
@@ -317,4 +317,4 @@ def format_results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT_IGNORE_INDEX", "EVALUATE_METRIC_PATH", "StreamingMeanIoU", "format_results_table", "results_to_json"]
+__all__ = ["EVALUATE_METRIC_PATH", "StreamingMeanIoU", "format_results_table", "results_to_json"]

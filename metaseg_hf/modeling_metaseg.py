@@ -15,10 +15,13 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.backbone_utils import BackboneMixin
+from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithNoAttention, SemanticSegmenterOutput
 from transformers.modeling_utils import PreTrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_metaseg import MetaSegConfig
 from .fusion_metaseg import FusedDecodeHead, FusedMscanStage, depthwise_conv
@@ -433,46 +436,56 @@ class MetaSegPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, strict about what would give a silently wrong model.
+        """`PreTrainedModel.from_pretrained`, with Transformers' semantics and errors that name the problem.
 
-        A truncated weights file is named; weights of another architecture, missing encoder weights and
-        wrongly shaped tensors raise a `ValueError` listing the keys and shapes. Legitimate partial loads
-        stay allowed: an encoder-only checkpoint into the segmentation model (the decoder starts from its
-        initialisation) and, with `ignore_mismatched_sizes=True`, a new label set.
+        As in Transformers: `output_loading_info=True` returns `(model, info)`; keys of other heads are
+        reported in `info["unexpected_keys"]` (and Transformers' load report), not raised; shapes that
+        disagree raise a `RuntimeError` unless `ignore_mismatched_sizes=True` (e.g. a new label set);
+        an encoder-only checkpoint loads into the segmentation model with the decoder initialised.
+        Refused, naming the file and keys: a truncated weights file, a file holding no MetaSeg weight at
+        all, and one with some encoder weights missing (the encoder would be partly random).
         """
         from safetensors import SafetensorError
 
         want_info = kwargs.pop("output_loading_info", False)
         ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+        source = pretrained_model_name_or_path or "the given state_dict"
         try:
+            # Transformers raises a bare "look at the above report" RuntimeError on shape mismatches: load with
+            # them ignored, then raise with the keys and shapes in the message.
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
             )
         except SafetensorError as error:
             raise OSError(
-                f"The weights of {pretrained_model_name_or_path} (model.safetensors) cannot be read: the file is "
-                f"truncated or corrupt ({error}). Download or save the model again."
+                f"The weights of {source} (model.safetensors) cannot be read: the file is truncated or corrupt "
+                f"({error}). Download or save the model again."
             ) from error
-        problems = []
-        unexpected = sorted(info["unexpected_keys"])
-        if unexpected:
-            problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}")
-        encoder_missing = sorted(key for key in info["missing_keys"] if "encoder." in key)
-        if encoder_missing:
-            problems.append(f"missing encoder weights ({len(encoder_missing)}): {', '.join(encoder_missing[:10])}")
         if info["mismatched_keys"] and not ignore_mismatched:
             shapes = [
                 f"{key}: checkpoint {tuple(saved)} vs model {tuple(expected)}"
                 for key, saved, expected in sorted(info["mismatched_keys"])
             ]
-            problems.append(
-                f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:10])} (to fine-tune on another label set, "
-                "pass num_labels=... with ignore_mismatched_sizes=True)"
+            raise RuntimeError(
+                f"The weights of {source} do not fit this MetaSeg configuration for {cls.__name__}: shape "
+                f"mismatches ({len(shapes)}): {'; '.join(shapes[:10])}. To fine-tune on another label set, pass "
+                "num_labels=... with ignore_mismatched_sizes=True."
             )
-        if problems:
-            kind = "are not MetaSeg weights" if unexpected else "do not fit this MetaSeg configuration"
+        expected_keys = set(model.state_dict())
+        if info["missing_keys"] >= expected_keys:
+            unexpected = sorted(info["unexpected_keys"])
             raise ValueError(
-                f"The weights of {pretrained_model_name_or_path} {kind} for {cls.__name__}:\n  " + "\n  ".join(problems)
+                f"The weights of {source} are not MetaSeg weights for {cls.__name__}: none of its "
+                f"{len(expected_keys)} tensors was found; unexpected keys ({len(unexpected)}): "
+                f"{', '.join(unexpected[:10])}. Convert an official checkpoint with "
+                "conversion/convert_metaseg_to_hf.py, or load the folder that save_pretrained wrote."
+            )
+        encoder_missing = sorted(key for key in info["missing_keys"] if "encoder." in key)
+        if encoder_missing:
+            raise ValueError(
+                f"The weights of {source} do not fit {cls.__name__}: missing encoder weights "
+                f"({len(encoder_missing)}): {', '.join(encoder_missing[:10])}. The file is incomplete; save or "
+                "convert the model again."
             )
         return (model, info) if want_info else model
 
@@ -556,23 +569,18 @@ class MetaSegModel(MetaSegPreTrainedModel):
         self.encoder = MetaSegEncoder(config)
         self.post_init()
 
+    @can_return_tuple
+    @filter_output_hidden_states
     def forward(
-        self,
-        pixel_values: torch.Tensor,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithNoAttention | tuple:
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithNoAttention:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Normalised images (see `MetaSegImageProcessor`).
+        """
         check_pixel_values(pixel_values, self.config, needs_decoder=False)
         stage_outputs = self.encoder(pixel_values)
-        hidden_states = stage_outputs if output_hidden_states else None
-        if not return_dict:
-            return tuple(value for value in (stage_outputs[-1], hidden_states) if value is not None)
-        return BaseModelOutputWithNoAttention(last_hidden_state=stage_outputs[-1], hidden_states=hidden_states)
+        return BaseModelOutputWithNoAttention(last_hidden_state=stage_outputs[-1], hidden_states=stage_outputs)
 
 
 class MetaSegBackbone(BackboneMixin, MetaSegPreTrainedModel):
@@ -588,27 +596,19 @@ class MetaSegBackbone(BackboneMixin, MetaSegPreTrainedModel):
         self.num_features = list(config.hidden_sizes)
         self.post_init()
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> BackboneOutput | tuple:
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+    @can_return_tuple
+    @filter_output_hidden_states
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> BackboneOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Normalised images (see `MetaSegImageProcessor`).
+        """
         check_pixel_values(pixel_values, self.config, needs_decoder=False)
         stage_outputs = self.encoder(pixel_values)
         feature_maps = tuple(
             output for name, output in zip(self.stage_names, stage_outputs) if name in self.out_features
         )
-        hidden_states = stage_outputs if output_hidden_states else None
-        if not return_dict:
-            return tuple(value for value in (feature_maps, hidden_states) if value is not None)
-        return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states, attentions=None)
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=stage_outputs)
 
 
 class MetaSegForSemanticSegmentation(MetaSegPreTrainedModel):
@@ -621,15 +621,14 @@ class MetaSegForSemanticSegmentation(MetaSegPreTrainedModel):
         self.decode_head = MetaSegDecodeHead(config)
         self.post_init()
 
+    @can_return_tuple
+    @filter_output_hidden_states
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> SemanticSegmenterOutput | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SemanticSegmenterOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
             Normalised images (see `MetaSegImageProcessor`); any height and width of at least
@@ -638,26 +637,16 @@ class MetaSegForSemanticSegmentation(MetaSegPreTrainedModel):
             Class ids in `[0, num_labels)` or `config.semantic_loss_ignore_index`. The logits are
             upsampled bilinearly to the label size and the cross-entropy is taken in float32.
         """
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         check_pixel_values(pixel_values, self.config, needs_decoder=True)
-
-        encoder_outputs = self.metaseg(pixel_values, output_hidden_states=True, return_dict=True)
-        logits, attentions = self.decode_head(encoder_outputs.hidden_states)
-
-        loss = None
-        if labels is not None:
-            loss = self.semantic_segmentation_loss(logits, labels)
-
-        hidden_states = encoder_outputs.hidden_states if output_hidden_states else None
-        attentions = attentions if output_attentions else None
-        if not return_dict:
-            output = tuple(value for value in (logits, hidden_states, attentions) if value is not None)
-            return ((loss,) + output) if loss is not None else output
-        return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=attentions)
+        # The decoder reads every stage, so they are always computed; `filter_output_hidden_states`
+        # drops them from the output unless asked for. The attention maps are a by-product as well.
+        stage_outputs = self.metaseg(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+        logits, attentions = self.decode_head(stage_outputs)
+        loss = self.semantic_segmentation_loss(logits, labels) if labels is not None else None
+        output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
+        return SemanticSegmenterOutput(
+            loss=loss, logits=logits, hidden_states=stage_outputs, attentions=attentions if output_attentions else None
+        )
 
     def predict(self, pixel_values: torch.Tensor, original_sizes=None, **kwargs) -> list[SegmentationPrediction]:
         """Official test-time inference on processed images: `whole` or `slide` mode (default: the

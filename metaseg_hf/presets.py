@@ -5,7 +5,7 @@ Everything here is data read from the official configurations (``hyunwoo137/Meta
 examples and the tests all read it from here instead of repeating numbers.
 """
 
-from .dataset_metadata import DATASET_CLASSES, DATASET_PALETTES
+from .dataset_metadata import DATASET_CLASSES
 
 # Official normalisation: ImageNet statistics on the 0-255 scale, RGB order. The image processor
 # rescales by 1/255 first, as Transformers processors do, so it uses them divided by 255.
@@ -124,11 +124,22 @@ def variant_image_processor_kwargs(name: str) -> dict:
     }
 
 
-def dataset_palette(name: str) -> tuple:
-    """The official colour palette of a dataset (one RGB triple per class)."""
-    if name not in DATASET_PALETTES:
-        raise ValueError(f"Unknown dataset {name!r}. Known datasets: {', '.join(DATASET_PALETTES)}.")
-    return DATASET_PALETTES[name]
+def preset_config_kwargs(config_name: str) -> dict:
+    """`MetaSegConfig` keyword arguments of a preset: an official variant (`"metaseg-t-ade20k"`) or an
+    architecture (`"metaseg-t"`, `"metaseg-b"`, `"t"`, `"b"`; decoder width of its ADE20K variant)."""
+    name = config_name.lower()
+    if name in VARIANTS:
+        return variant_config_kwargs(name)
+    short = name.removeprefix("metaseg-").removeprefix("metaseg_")
+    if short in ARCHITECTURES:
+        variant = next(key for key, spec in VARIANTS.items() if spec["architecture"] == short)
+        kwargs = dict(ARCHITECTURES[short])
+        kwargs["decoder_hidden_size"] = VARIANTS[variant]["decoder_hidden_size"]
+        return kwargs
+    known = [f"metaseg-{key}" for key in ARCHITECTURES] + list(VARIANTS)
+    raise ValueError(
+        f"Unknown MetaSeg preset {config_name!r}; use a config folder / JSON file or one of: {', '.join(known)}"
+    )
 
 
 # The official training recipe (`metaseg.*.160k.py` + `schedule_160k_adamw.py` + the dataset

@@ -6,54 +6,27 @@
   rate, no weight decay on the encoder's BatchNorm and LayerNorm parameters).
 - `create_scheduler`: MMCV's linear warm-up + polynomial decay (`"polynomial"`), or any Transformers
   scheduler by name.
-- `save_checkpoint` / `find_latest_checkpoint`: crash-safe `accelerator.save_state` checkpoints.
-- `evaluate_segmentation`: whole-image validation on every process, summed into one metric.
-- `training_card_sections`: the model card's training data, recipe and results.
+- `set_cpu_threads`: a single CPU process uses the machine's cores, also under `accelerate launch`.
+
+The rest of a training run lives with what it is about: the data and augmentation in `data.py`,
+crash-safe checkpoints in `checkpoints.py`, the validation in `evaluation.py`, the model card in `hub.py`,
+preset names in `presets.py`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
-import shutil
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .metrics import StreamingMeanIoU
-from .presets import ARCHITECTURES, DATASETS, OFFICIAL_TRAINING_RECIPE, VARIANTS
-
-CHECKPOINT_PREFIX = "checkpoint-"
-COMPLETE_MARKER = "checkpoint_complete.json"
-_TEMPORARY_PREFIX = ".tmp-" + CHECKPOINT_PREFIX
-_TRASH_PREFIX = ".old-" + CHECKPOINT_PREFIX
-
+from .presets import DATASETS, OFFICIAL_TRAINING_RECIPE, preset_config_kwargs
 
 # ---------------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------------
-
-
-def preset_config_kwargs(config_name: str) -> dict:
-    """`MetaSegConfig` keyword arguments of a preset: an official variant (`"metaseg-t-ade20k"`) or an
-    architecture (`"metaseg-t"`, `"metaseg-b"`, `"t"`, `"b"`; decoder width of its ADE20K variant)."""
-    from .presets import variant_config_kwargs
-
-    name = config_name.lower()
-    if name in VARIANTS:
-        return variant_config_kwargs(name)
-    short = name.removeprefix("metaseg-").removeprefix("metaseg_")
-    if short in ARCHITECTURES:
-        variant = next(key for key, spec in VARIANTS.items() if spec["architecture"] == short)
-        kwargs = dict(ARCHITECTURES[short])
-        kwargs["decoder_hidden_size"] = VARIANTS[variant]["decoder_hidden_size"]
-        return kwargs
-    known = [f"metaseg-{key}" for key in ARCHITECTURES] + list(VARIANTS)
-    raise ValueError(f"Unknown --config_name {config_name!r}; use a config folder / JSON file or one of: {', '.join(known)}")
 
 
 def load_backbone_checkpoint(model, path: str | os.PathLike) -> None:
@@ -150,11 +123,6 @@ def build_image_processor(model_name_or_path: str | None, dataset_format: str, d
             processor = MetaSegImageProcessor()
     processor.do_reduce_labels = bool(do_reduce_labels)
     return processor
-
-
-def convert_to_sync_batchnorm(model: nn.Module) -> nn.Module:
-    """BatchNorm -> SyncBatchNorm (statistics over all GPUs' samples), for multi-GPU training."""
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -261,258 +229,46 @@ def create_scheduler(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Crash-safe checkpoints
+# CPU threads
 # ---------------------------------------------------------------------------------------------------
 
-
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")) + [folder]:
-        try:
-            descriptor = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(descriptor)
-        except OSError:
-            pass
-        finally:
-            os.close(descriptor)
+# Exported by `accelerate launch` into the script's environment, whatever its flags and config.
+_ACCELERATE_LAUNCH_VARIABLE = "ACCELERATE_DYNAMO_BACKEND"
 
 
-def checkpoint_step(path: str | os.PathLike) -> int | None:
-    """The step of a `checkpoint-<step>` folder name (None for other names)."""
-    match = re.fullmatch(re.escape(CHECKPOINT_PREFIX) + r"(\d+)", Path(path).name)
-    return int(match.group(1)) if match else None
+def set_cpu_threads(accelerator, num_threads: int | None = None) -> int:
+    """Sets torch's intra-op threads of a single-process CPU run and returns the number in use.
 
-
-def is_complete_checkpoint(path: str | os.PathLike) -> bool:
-    """True for a `checkpoint-<step>` folder whose save finished (it holds the completion marker)."""
-    path = Path(path)
-    return path.is_dir() and checkpoint_step(path) is not None and (path / COMPLETE_MARKER).is_file()
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints in `output_dir`, oldest step first."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = [path for path in output_dir.iterdir() if is_complete_checkpoint(path)]
-    return sorted(found, key=checkpoint_step)
-
-
-def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint in `output_dir` (None when there is none). Folders of saves
-    that were interrupted are never returned: they lack the marker or keep their temporary name."""
-    checkpoints = list_checkpoints(output_dir)
-    return checkpoints[-1] if checkpoints else None
-
-
-def resolve_checkpoint(value: str, output_dir: str | os.PathLike) -> Path | None:
-    """`--resume_from_checkpoint`: `"latest"` -> the newest complete checkpoint of `output_dir` (None
-    when there is none yet: the run starts from scratch), or a path that must be a complete checkpoint."""
-    if value == "latest":
-        return find_latest_checkpoint(output_dir)
-    path = Path(value)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such folder")
-    if not (path / COMPLETE_MARKER).is_file():
-        raise ValueError(
-            f"--resume_from_checkpoint {value}: {COMPLETE_MARKER} is missing, so this checkpoint's save never "
-            f"finished; use --resume_from_checkpoint latest to pick the newest complete one"
-        )
-    return path
-
-
-def read_training_state(checkpoint: str | os.PathLike) -> dict:
-    """The training position saved with a checkpoint (`completed_steps`, `epoch`, `batches_in_epoch`, ...)."""
-    return json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text(encoding="utf-8"))
-
-
-def remove_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Deletes the temporary folders of interrupted saves; returns what it removed (main process only)."""
-    output_dir = Path(output_dir)
-    removed = []
-    if output_dir.is_dir():
-        for path in output_dir.iterdir():
-            if path.is_dir() and (path.name.startswith(_TEMPORARY_PREFIX) or path.name.startswith(_TRASH_PREFIX)):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-    return removed
-
-
-def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, training_state: dict,
-                    total_limit: int | None = None) -> Path:
-    """`accelerator.save_state` into `output_dir/checkpoint-<step>`, crash-safely. Call it on every process.
-
-    The state is written into a temporary folder; once every process has finished, the main process
-    writes the completion marker (with `training_state`), flushes everything to disk and renames the
-    folder to `checkpoint-<step>` in one atomic step. A kill at any moment leaves either no
-    `checkpoint-<step>` or a complete one, so `find_latest_checkpoint` never picks a broken save.
-    `total_limit` keeps only that many newest checkpoints.
+    `num_threads` when given. Otherwise all the cores this process may use when the thread count is
+    `accelerate launch`'s default: without `--num_cpu_threads_per_process` or a config it exports
+    OMP_NUM_THREADS=1 (the value it reads from the environment, 1 when unset), which leaves one process on one
+    core (the CPU demo ran 5 minutes on 2 cores instead of about half of that). A thread count the user set
+    (OMP_NUM_THREADS other than 1, or a plain `python` run) is kept; under `accelerate launch`, an explicit
+    OMP_NUM_THREADS=1 looks like the default, so pass `num_threads=1` for one thread. Runs with several
+    processes or on an accelerator keep what Accelerate set.
     """
-    output_dir = Path(output_dir)
-    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    temporary = output_dir / f"{_TEMPORARY_PREFIX}{step}"
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if temporary.exists():
-            shutil.rmtree(temporary)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        marker = temporary / COMPLETE_MARKER
-        marker.write_text(json.dumps({"step": step, **training_state}, indent=2), encoding="utf-8")
-        _fsync_tree(temporary)
-        if final.exists():  # re-saving a step (a resumed run repeating a save): swap the folders
-            trash = output_dir / f"{_TRASH_PREFIX}{step}"
-            if trash.exists():
-                shutil.rmtree(trash)
-            os.replace(final, trash)
-            os.replace(temporary, final)
-            shutil.rmtree(trash)
-        else:
-            os.replace(temporary, final)
-        _fsync_tree_dir(output_dir)
-        if total_limit is not None and total_limit > 0:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def _fsync_tree_dir(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Evaluation during training
-# ---------------------------------------------------------------------------------------------------
-
-
-def logits_to_label_size(logits: torch.Tensor, input_size, label_size) -> torch.Tensor:
-    """Official `whole` inference resize: (C, h8, w8) logits -> bilinear to the network input size,
-    then to the label's original size; returns the (H, W) argmax."""
-    logits = logits[None].float()
-    if tuple(logits.shape[-2:]) != tuple(input_size):
-        logits = F.interpolate(logits, size=tuple(input_size), mode="bilinear", align_corners=False)
-    if tuple(logits.shape[-2:]) != tuple(label_size):
-        logits = F.interpolate(logits, size=tuple(label_size), mode="bilinear", align_corners=False)
-    return logits[0].argmax(dim=0)
-
-
-@torch.no_grad()
-def evaluate_segmentation(model, dataset, accelerator, metric: StreamingMeanIoU, batch_size: int = 1,
-                          num_workers: int = 0) -> StreamingMeanIoU:
-    """Scores `model` (whole-image inference) on an evaluation dataset, on every process at once.
-
-    Each process takes every `num_processes`-th image (no padding, no duplicates: each image is
-    counted once), predicts at the processed size, resizes the logits to the label's original size
-    and adds the argmax to its confusion matrix; the matrices are then summed over processes.
-    Processes with fewer images run a repeated image without scoring it, so every process makes the
-    same number of forward calls (needed by FSDP / DeepSpeed). Returns the summed metric.
-    Only one batch of logits exists at a time. `accelerator=None` evaluates every image in this
-    process, on the model's device, and returns `metric` itself.
-    """
-    from torch.utils.data import DataLoader, Subset
-
-    from .data import collate_list, shard_indices
-
-    was_training = model.training
-    model.eval()
-    metric.reset()
-    count = len(dataset)
-    process_index, num_processes = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    device = accelerator.device if accelerator else next(model.parameters()).device
-    indices = shard_indices(count, process_index, num_processes)
-    per_process = math.ceil(count / num_processes)
-    scored = [True] * len(indices)
-    if len(indices) < per_process:  # pad with unscored repeats so that every process runs as many batches
-        indices += [indices[0] if indices else 0] * (per_process - len(indices))
-        scored += [False] * (per_process - len(scored))
-    loader = DataLoader(
-        Subset(dataset, indices), batch_size=batch_size, collate_fn=collate_list, num_workers=num_workers,
-        generator=torch.Generator(),
-    )
-    position = 0
-    for batch in loader:
-        groups = {}
-        for offset, item in enumerate(batch):
-            groups.setdefault(tuple(item["pixel_values"].shape), []).append((position + offset, item))
-        position += len(batch)
-        for shape, members in groups.items():
-            pixel_values = torch.stack([item["pixel_values"] for _, item in members]).to(device)
-            logits = model(pixel_values=pixel_values).logits
-            for (index, item), item_logits in zip(members, logits):
-                if not scored[index]:
-                    continue
-                prediction = logits_to_label_size(item_logits, shape[-2:], item["labels"].shape[-2:])
-                metric.update(prediction, item["labels"].to(prediction.device))
-    if was_training:
-        model.train()
-    return metric.synced(accelerator) if accelerator is not None else metric
-
-
-# ---------------------------------------------------------------------------------------------------
-# Model card
-# ---------------------------------------------------------------------------------------------------
-
-
-def _percent(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
-
-
-def training_card_sections(data_description: str, id2label: dict, hyperparameters: dict, results: dict | None,
-                           command: str | None = None) -> dict[str, str]:
-    """Model-card sections (heading -> markdown) for a trained model: training data, training
-    procedure (the resolved recipe), evaluation results with a per-class table."""
-    names = [id2label[index] for index in sorted(id2label)]
-    shown = ", ".join(f"`{name}`" for name in names[:40]) + (f" ... ({len(names)} in all)" if len(names) > 40 else "")
-    sections = {"Training data": f"Trained on {data_description}.\n\n{len(names)} classes: {shown}."}
-    rows = ["| setting | value |", "|---|---|"] + [f"| {key} | {value} |" for key, value in hyperparameters.items()]
-    procedure = "Trained with `examples/train.py` of metaseg-hf (Accelerate).\n\n" + "\n".join(rows)
-    if command:
-        procedure += f"\n\nCommand:\n\n```bash\n{command}\n```"
-    sections["Training procedure"] = procedure
-    if results:
-        lines = [
-            f"Validation (whole-image inference at the official test size, scored at the labels' original resolution): "
-            f"**mIoU {_percent(results['mean_iou'])}**, mean accuracy {_percent(results['mean_accuracy'])}, "
-            f"overall accuracy {_percent(results['overall_accuracy'])}.",
-            "",
-            "| class | IoU | accuracy |",
-            "|---|---|---|",
-        ]
-        lines += [f"| {row['name']} | {_percent(row['iou'])} | {_percent(row['accuracy'])} |" for row in results["per_class"]]
-        sections["Evaluation results"] = "\n".join(lines)
-    return sections
+    if num_threads is not None:
+        if num_threads < 1:
+            raise ValueError(f"num_threads must be at least 1, got {num_threads}")
+        torch.set_num_threads(num_threads)
+    elif (
+        accelerator.num_processes == 1
+        and accelerator.device.type == "cpu"
+        and os.environ.get("OMP_NUM_THREADS") == "1"
+        and _ACCELERATE_LAUNCH_VARIABLE in os.environ
+    ):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, cores or 1))
+    return torch.get_num_threads()
 
 
 __all__ = [
-    "CHECKPOINT_PREFIX",
-    "COMPLETE_MARKER",
     "build_image_processor",
     "build_model",
-    "checkpoint_step",
-    "convert_to_sync_batchnorm",
     "create_optimizer",
     "create_scheduler",
-    "evaluate_segmentation",
-    "find_latest_checkpoint",
-    "is_complete_checkpoint",
-    "list_checkpoints",
     "load_backbone_checkpoint",
-    "logits_to_label_size",
     "parameter_groups",
-    "preset_config_kwargs",
-    "read_training_state",
-    "remove_incomplete_checkpoints",
-    "resolve_checkpoint",
-    "save_checkpoint",
-    "training_card_sections",
+    "set_cpu_threads",
     "warmup_polynomial_factor",
 ]

@@ -1,43 +1,76 @@
-"""Shared fixtures: the official reference data, a converted reference model, tiny configurations."""
+"""Shared fixtures, and the `reference` marker: tests that need the large official reference data.
+
+A test that uses the `reference` fixture (directly or through `converted_dir` / `reference_model`), or is
+marked `@pytest.mark.reference`, needs `$METASEG_REFERENCE_DIR` (else `../shared/reference` next to the
+repository). Without it such tests skip with one reason; with METASEG_REQUIRE_REFERENCE=1 (as in CI) they
+fail naming the missing files. Shared helpers are in helpers.py.
+"""
 
 import os
-import shutil
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_FILES = (
-    "metaseg-t-ade20k-random.pth",
-    "metaseg-t-ade20k-batch.safetensors",
-    "metaseg-t-ade20k-batch-float64.safetensors",
-    "metaseg-t-ade20k-image.png",
-    "metaseg-t-ade20k-whole.safetensors",
-    "metaseg-t-ade20k-slide.safetensors",
-)
+from helpers import missing_reference_files, reference_dir, tiny_config
+
+REQUIRE_REFERENCE = "METASEG_REQUIRE_REFERENCE"
 
 
-def reference_dir() -> Path:
-    """`$METASEG_REFERENCE_DIR`, else `../shared/reference` next to the repository."""
-    return Path(os.environ.get("METASEG_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference")).resolve()
+def reference_required() -> bool:
+    return os.environ.get(REQUIRE_REFERENCE, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def skip_reason(path) -> str:
+    return (
+        f"needs the large official MetaSeg reference data, not found in {path}: put that folder at "
+        "../shared/reference next to the repository or set METASEG_REFERENCE_DIR to it "
+        f"({REQUIRE_REFERENCE}=1 turns this skip into a failure)"
+    )
+
+
+def check_reference():
+    """Skips (or, with METASEG_REQUIRE_REFERENCE=1, fails) the current test when the data is missing."""
+    path = reference_dir()
+    missing = missing_reference_files(path)
+    if not missing:
+        return path
+    if reference_required():
+        pytest.fail(
+            f"{REQUIRE_REFERENCE}=1 but the official reference data is missing in {path}: {', '.join(missing)}. "
+            "Set METASEG_REFERENCE_DIR to the folder holding the official MetaSeg reference outputs, or unset "
+            f"{REQUIRE_REFERENCE} to skip these tests.",
+            pytrace=False,
+        )
+    pytest.skip(skip_reason(path))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks every test that needs the large reference; skips them up front when it is absent."""
+    needs_reference = [
+        item for item in items
+        if "reference" in getattr(item, "fixturenames", ()) or item.get_closest_marker("reference") is not None
+    ]
+    path = reference_dir()
+    skip = None
+    if missing_reference_files(path) and not reference_required():
+        skip = pytest.mark.skip(reason=skip_reason(path))
+    for item in needs_reference:
+        if item.get_closest_marker("reference") is None:
+            item.add_marker(pytest.mark.reference)
+        if skip is not None:
+            item.add_marker(skip)
+
+
+def pytest_runtest_setup(item):
+    # Marked tests that reach the folder without the fixture (e.g. in a subprocess) fail here, not obscurely.
+    if item.get_closest_marker("reference") is not None:
+        check_reference()
 
 
 @pytest.fixture(scope="session")
 def reference():
-    """Path of the reference data; fails (never skips) when it is missing."""
-    path = reference_dir()
-    missing = [name for name in REFERENCE_FILES if not (path / name).is_file()]
-    if missing:
-        pytest.fail(
-            f"Reference data missing in {path}: {', '.join(missing)}. Set METASEG_REFERENCE_DIR to the folder "
-            "holding the official MetaSeg reference outputs.",
-            pytrace=False,
-        )
-    return path
+    """Path of the large reference data (tests using it are marked `reference`, see the module docstring)."""
+    return check_reference()
 
 
 @pytest.fixture(scope="session")
@@ -57,72 +90,9 @@ def reference_model(converted_dir):
     return MetaSegForSemanticSegmentation.from_pretrained(converted_dir).eval()
 
 
-STAGE_KEYS = [f"hidden_states.{index}" for index in range(4)]
-ATTENTION_KEYS = [f"decoder_attentions.stage{stage}" for stage in (2, 3, 4)]
-
-
-def run_reference_batch(model, batch, dtype):
-    """The model's outputs on a reference batch, keyed as in the reference files (model already in `dtype`)."""
-    with torch.no_grad():
-        outputs = model(
-            batch["pixel_values"].to(dtype), labels=batch["labels"], output_hidden_states=True, output_attentions=True
-        )
-    results = {"logits": outputs.logits, "loss": outputs.loss}
-    results.update(zip(STAGE_KEYS, outputs.hidden_states))
-    results.update(zip(ATTENTION_KEYS, outputs.attentions))
-    return results
-
-
-def tiny_config(**overrides):
-    """A MetaSeg small enough for fast tests (minimum input side 57 as the official decoder)."""
-    from metaseg_hf import MetaSegConfig
-
-    kwargs = dict(
-        hidden_sizes=[8, 16, 16, 32],
-        depths=[1, 1, 1, 1],
-        mlp_ratios=[2, 2, 2, 2],
-        decoder_hidden_size=16,
-        num_labels=5,
-    )
-    kwargs.update(overrides)
-    return MetaSegConfig(**kwargs)
-
-
 @pytest.fixture
 def tiny_model():
     from metaseg_hf import MetaSegForSemanticSegmentation
 
     torch.manual_seed(0)
     return MetaSegForSemanticSegmentation(tiny_config()).eval()
-
-
-# Prepended to subprocess scripts: makes `import metaseg_hf` fail as on a machine without the package.
-BLOCK_METASEG_HF = textwrap.dedent(
-    """
-    import importlib.abc, sys
-    class _Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "metaseg_hf" or name.startswith("metaseg_hf."):
-                raise ModuleNotFoundError("metaseg_hf is blocked in this test", name=name)
-    sys.meta_path.insert(0, _Block())
-    """
-)
-
-
-def run_python(script: str, env_overrides: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(env_overrides or {})
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=cwd or REPO_ROOT.parent, timeout=300
-    )
-    assert result.returncode == 0, f"subprocess failed:\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    return result
-
-
-def make_hub_cache(cache, repo_id, folder, commit="0123456789abcdef0123456789abcdef01234567"):
-    """Lays `folder` out as `huggingface_hub` caches a downloaded repository."""
-    repo_dir = cache / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(folder, repo_dir / "snapshots" / commit)
-    (repo_dir / "refs").mkdir(parents=True)
-    (repo_dir / "refs" / "main").write_text(commit)
-    return cache

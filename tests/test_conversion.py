@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO_ROOT, reference_dir
+from helpers import MANIFESTS_DIR, REPO_ROOT, TINY_DIR
 from metaseg_hf import MetaSegConfig, MetaSegForSemanticSegmentation
 from metaseg_hf.conversion import (
     CheckpointError,
@@ -22,12 +22,16 @@ from metaseg_hf.presets import VARIANTS
 sys.path.insert(0, str(REPO_ROOT / "conversion"))
 import convert_metaseg_to_hf  # noqa: E402
 
+TINY_CHECKPOINT = TINY_DIR / "metaseg-tiny-random.pth"
+
 
 def manifest(name):
-    path = reference_dir() / "manifests" / f"{name}.json"
-    if not path.is_file():
-        pytest.fail(f"Reference manifest missing: {path}", pytrace=False)
-    return json.loads(path.read_text())
+    """The official variant's manifest (copied from the reference data into tests/fixtures/manifests)."""
+    return json.loads((MANIFESTS_DIR / f"{name}.json").read_text())
+
+
+def test_every_variant_has_a_manifest():
+    assert sorted(path.stem for path in MANIFESTS_DIR.glob("*.json")) == sorted(VARIANTS)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -114,8 +118,8 @@ def test_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path, ca
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
-def test_truncated_empty_and_foreign_files_name_the_file(reference, tmp_path):
-    data = (reference / "metaseg-t-ade20k-random.pth").read_bytes()
+def test_truncated_empty_and_foreign_files_name_the_file(tmp_path):
+    data = TINY_CHECKPOINT.read_bytes()
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"truncated\.pth is not a readable PyTorch checkpoint"):
@@ -186,7 +190,7 @@ def test_imagenet_backbone_initialises_the_encoder_for_fine_tuning(reference, re
         assert torch.equal(value, expected[key]), key
 
 
-def test_push_to_hub_uploads_the_converted_folder(reference, tmp_path, monkeypatch):
+def test_push_to_hub_uploads_the_converted_folder(tmp_path, monkeypatch):
     from huggingface_hub import HfApi
 
     calls = {}
@@ -202,11 +206,10 @@ def test_push_to_hub_uploads_the_converted_folder(reference, tmp_path, monkeypat
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     exit_code = convert_metaseg_to_hf.main(
-        ["--checkpoint", str(reference / "metaseg-t-ade20k-random.pth"), "--output_dir", str(tmp_path / "out"),
-         "--push_to_hub", "someone/metaseg-t-ade20k"]
+        ["--checkpoint", str(TINY_CHECKPOINT), "--output_dir", str(tmp_path / "out"), "--push_to_hub", "someone/metaseg-tiny"]
     )
     assert exit_code == 0
-    assert calls["create_repo"] == calls["repo_id"] == "someone/metaseg-t-ade20k"
+    assert calls["create_repo"] == calls["repo_id"] == "someone/metaseg-tiny"
     assert {"README.md", "config.json", "model.safetensors", "preprocessor_config.json", "modeling_metaseg.py"} <= set(
         calls["uploaded"]
     )

@@ -191,6 +191,20 @@ def test_empty_split_is_named(tmp_path):
         load_segmentation_data(train_dir=tmp_path / "city", dataset_format="cityscapes")
 
 
+def test_labels_follow_their_images_exif_orientation(tmp_path):
+    """A label drawn on the stored pixels of an image with an EXIF rotation is turned with the image."""
+    make_imagefolder(tmp_path / "train", 2)
+    image, label = scene(0, (48, 64))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees clockwise
+    image.save(tmp_path / "train" / "images" / "img0.jpg", exif=exif)
+    label.save(tmp_path / "train" / "labels" / "img0.png")
+    data = load_segmentation_data(train_dir=tmp_path / "train", train_val_split=0, id2label={0: "a"})
+    loaded_image, loaded_label, _ = data.train.load(0)
+    assert loaded_image.size == (48, 64) and loaded_label.shape == (64, 48)
+    assert np.array_equal(loaded_label, np.asarray(label.transpose(Image.Transpose.ROTATE_270)))
+
+
 def test_colour_label_images_are_refused(tmp_path):
     make_imagefolder(tmp_path / "train", 2)
     Image.new("RGB", (64, 48)).save(tmp_path / "train" / "labels" / "img0.png")
@@ -248,11 +262,78 @@ def test_cat_max_ratio_avoids_single_class_crops():
     assert mixed_crops(0.75) >= 35 and mixed_crops(1.0) <= 25  # ~98% with the 10 retries, ~31% without
 
 
-def test_photometric_distortion_keeps_shape_and_range():
-    image = np.asarray(scene(2, (24, 24))[0])
-    outputs = [photometric_distortion(image, np.random.default_rng(seed)) for seed in range(8)]
-    assert all(output.shape == image.shape and output.dtype == np.uint8 for output in outputs)
-    assert any(not np.array_equal(output, image) for output in outputs)
+class ScriptedDraws:
+    """Stands in for `np.random.Generator`: hands out the given draws in order, each one checked against the
+    call it answers: ("integers", low, high, value) or ("uniform", low, high, value)."""
+
+    def __init__(self, *draws):
+        self.draws = list(draws)
+
+    def _draw(self, kind, low, high):
+        assert self.draws, f"unexpected extra draw {kind}({low}, {high})"
+        expected_kind, expected_low, expected_high, value = self.draws.pop(0)
+        assert (kind, low, high) == (expected_kind, expected_low, expected_high), "draws out of the official order"
+        return value
+
+    def integers(self, low, high=None):
+        return self._draw("integers", *((0, low) if high is None else (low, high)))
+
+    def uniform(self, low=0.0, high=1.0):
+        return self._draw("uniform", low, high)
+
+
+def draws(brightness=None, contrast=None, contrast_first=False, saturation=None, hue=None):
+    """The official PhotoMetricDistortion's draws, in its order: each step `randint(2)` then its value
+    (brightness U(-32, 32), contrast and saturation U(0.5, 1.5), hue randint(-18, 18)); the contrast
+    step before or after the colour steps by one more `randint(2)`."""
+    step = [("integers", 0, 2, int(brightness is not None))]
+    if brightness is not None:
+        step.append(("uniform", -32, 32, brightness))
+    contrast_steps = [("integers", 0, 2, int(contrast is not None))]
+    if contrast is not None:
+        contrast_steps.append(("uniform", 0.5, 1.5, contrast))
+    step.append(("integers", 0, 2, int(contrast_first)))
+    if contrast_first:
+        step += contrast_steps
+    step.append(("integers", 0, 2, int(saturation is not None)))
+    if saturation is not None:
+        step.append(("uniform", 0.5, 1.5, saturation))
+    step.append(("integers", 0, 2, int(hue is not None)))
+    if hue is not None:
+        step.append(("integers", -18, 18, hue))
+    if not contrast_first:
+        step += contrast_steps
+    return ScriptedDraws(*step)
+
+
+def pixels(*values):
+    return np.array([values], dtype=np.uint8).reshape(1, -1, 3)
+
+
+@pytest.mark.parametrize(
+    "image, scripted, expected",
+    [
+        # Brightness: float32 x + beta, clipped to [0, 255], then truncated to uint8 (not rounded, no wrap-around).
+        (pixels([0, 100, 223], [224, 255, 10]), dict(brightness=31.5), pixels([31, 131, 254], [255, 255, 41])),
+        (pixels([0, 100, 10], [255, 31, 32]), dict(brightness=-31.5), pixels([0, 68, 0], [223, 0, 0])),
+        # Contrast x alpha, before or after the colour steps: the same clipping and truncation.
+        (pixels([3, 100, 171], [170, 0, 255]), dict(contrast=1.5), pixels([4, 150, 255], [255, 0, 255])),
+        (pixels([3, 100, 171], [170, 0, 255]), dict(contrast=0.5, contrast_first=True), pixels([1, 50, 85], [85, 0, 127])),
+        # Saturation in OpenCV's 8-bit HSV: red's S 255 -> 127 (127.5 truncated); grey has none to change.
+        (pixels([255, 0, 0], [128, 128, 128]), dict(saturation=0.5), pixels([255, 128, 128], [128, 128, 128])),
+        # Hue in OpenCV's 8-bit HSV (H in [0, 180), 2 degrees a step), wrapping around: red +36 and -36 degrees.
+        (pixels([255, 0, 0], [0, 255, 0]), dict(hue=18), pixels([255, 153, 0], [0, 255, 153])),
+        (pixels([255, 0, 0], [90, 90, 90]), dict(hue=-18), pixels([255, 0, 153], [90, 90, 90])),
+        # Every step skipped: the image is returned unchanged.
+        (pixels([1, 2, 3], [250, 251, 252]), dict(), pixels([1, 2, 3], [250, 251, 252])),
+    ],
+)
+def test_photometric_distortion_follows_the_official_steps(image, scripted, expected):
+    rng = draws(**scripted)
+    output = photometric_distortion(image, rng)
+    assert not rng.draws, f"draws left unused: {rng.draws}"
+    assert output.dtype == np.uint8 and output.shape == image.shape
+    assert np.array_equal(output, expected), f"{output.tolist()} != {expected.tolist()}"
 
 
 def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
@@ -277,5 +358,8 @@ def test_eval_dataset_keeps_the_label_resolution(tmp_path):
     data = load_segmentation_data(train_dir=tmp_path / "val", train_val_split=0)
     processor = MetaSegImageProcessor(size={"shortest_edge": 64, "longest_edge": 256})
     item = SegmentationEvalDataset(data.train, processor, 5)[0]
-    assert item["labels"].shape == (50, 70) and item["pixel_values"].shape[0] == 3
-    assert item["pixel_values"].shape[-2] == 64
+    assert item["labels"].shape == (50, 70) and len(item["pixel_values"]) == 1  # one test-time scale
+    assert item["pixel_values"][0].shape == (3, 64, 96)
+    scaled = SegmentationEvalDataset(data.train, processor, 5, scales=(0.5, 1.0))[0]["pixel_values"]
+    assert [tuple(pixels.shape) for pixels in scaled] == [(3, 32, 64), (3, 64, 96)]
+    assert torch.equal(scaled[1], item["pixel_values"][0])

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ATTENTION_KEYS, STAGE_KEYS, run_reference_batch, tiny_config
+from helpers import ATTENTION_KEYS, STAGE_KEYS, run_reference_batch, tiny_config
 from metaseg_hf import MetaSegBackbone, MetaSegForSemanticSegmentation, fusion_metaseg
 
 

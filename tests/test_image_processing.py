@@ -1,7 +1,7 @@
 """MetaSegImageProcessor: parity with the official test pipeline, inputs, labels, batches, saving, errors.
 
-The reference data is found through the `reference` fixture (tests/conftest.py): `$METASEG_REFERENCE_DIR`,
-else `../shared/reference` next to the repository; the tests fail, never skip, when it is missing.
+The tiny official photo (tests/fixtures/tiny) runs everywhere; the large reference photo comes through the
+`reference` fixture (tests/conftest.py): those tests skip without it, or fail with METASEG_REQUIRE_REFERENCE=1.
 """
 
 import json
@@ -13,11 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
-from metaseg_hf.image_processing_metaseg import MetaSegImageProcessor, _opencv_linear_resize
+from helpers import OFFICIAL_MEAN, OFFICIAL_STD, TINY_DIR, official_normalisation, sha256_of
+from metaseg_hf.image_processing_metaseg import MetaSegImageProcessor
 from metaseg_hf.presets import DATASETS, IMAGE_MEAN, IMAGE_STD, VARIANTS, variant_image_processor_kwargs
+from metaseg_hf.resize_opencv import opencv_linear_resize
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,22 +66,33 @@ def test_pixel_values_match_the_official_pipeline(processor, photo, whole):
     assert (photo.height, photo.width) == (375, 500)
     assert processor.get_resize_steps(375, 500) == [(512, 683), (512, 704)]
     pixel_values = processor(photo)["pixel_values"]
+    reference = whole["pixel_values"]
     assert pixel_values.dtype == torch.float32
-    assert pixel_values.shape == whole["pixel_values"].shape == (1, 3, 512, 704)
-    assert (pixel_values - whole["pixel_values"]).abs().max().item() <= 1e-5
+    assert pixel_values.shape == reference.shape == (1, 3, 512, 704)
+    # Bit for bit the official float32 `(x - mean) / std` of the official uint8 image.
+    assert torch.equal(pixel_values[0], official_normalisation(official_uint8(whole)))
+    # The large reference file itself divided by the float64 std, where MMSegmentation's `Normalize` holds
+    # float32 mean and std: one float32 rounding step apart on 10.6% of its values, never more.
+    neighbours = torch.stack([torch.nextafter(reference, reference - 1), reference, torch.nextafter(reference, reference + 1)])
+    assert (pixel_values == neighbours).any(dim=0).all()
+
+
+def official_uint8(whole) -> torch.Tensor:
+    """The official resized RGB uint8 image (H, W, 3), read back from the reference `pixel_values` (its values
+    are (x - mean) / std of integers x within 1e-6, so rounding `value * std + mean` recovers x exactly)."""
+    values = whole["pixel_values"][0] * OFFICIAL_STD + OFFICIAL_MEAN
+    assert (values - values.round()).abs().max() < 1e-3
+    return values.round().to(torch.uint8).permute(1, 2, 0)
 
 
 def test_intermediate_uint8_resizes(photo, whole):
     """The two OpenCV resizes one by one: 375x500 -> 512x683 (uint8) -> 512x704 (uint8)."""
     rgb = torch.from_numpy(np.array(photo))
-    first = _opencv_linear_resize(rgb, 512, 683)
-    second = _opencv_linear_resize(first, 512, 704)
+    first = opencv_linear_resize(rgb, 512, 683)
+    second = opencv_linear_resize(first, 512, 704)
     assert first.shape == (512, 683, 3) and first.dtype == torch.uint8
     assert second.shape == (512, 704, 3) and second.dtype == torch.uint8
-    mean = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
-    std = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
-    official = (second.permute(2, 0, 1).float() - mean) / std
-    assert (official - whole["pixel_values"][0]).abs().max().item() <= 1e-5
+    assert torch.equal(second, official_uint8(whole))
 
 
 def test_post_processing_matches_the_official_whole_mode(processor, whole):
@@ -93,47 +107,26 @@ def test_post_processing_matches_the_official_whole_mode(processor, whole):
     assert (probabilities.max(dim=0).values - whole["probabilities_max"][0]).abs().max().item() <= 1e-4
 
 
-def spec_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """The reference README's arithmetic, one pixel at a time (for tiny images)."""
-    source_height, source_width, channels = image.shape
-
-    def axis(source, target, horizontal):
-        scale = 1.0 / (target / source)
-        table = []
-        for i in range(target):
-            f = np.float32((i + 0.5) * scale - 0.5)
-            s = int(np.floor(f))
-            frac = np.float32(f - np.float32(s))
-            if horizontal and (s < 0 or s >= source - 1):
-                frac = np.float32(0)
-            w0 = int(np.round(np.float32(np.float32(1) - frac) * np.float32(2048)))
-            w1 = int(np.round(frac * np.float32(2048)))
-            table.append((min(max(s, 0), source - 1), min(max(s + 1, 0), source - 1), w0, w1))
-        return table
-
-    columns, rows = axis(source_width, width, True), axis(source_height, height, False)
-    horizontal = np.zeros((source_height, width, channels), dtype=np.int64)
-    for x, (x0, x1, w0, w1) in enumerate(columns):
-        horizontal[:, x] = image[:, x0].astype(np.int64) * w0 + image[:, x1].astype(np.int64) * w1
-    output = np.zeros((height, width, channels), dtype=np.uint8)
-    for y, (y0, y1, v0, v1) in enumerate(rows):
-        value = (((v0 * (horizontal[y0] >> 4)) >> 16) + ((v1 * (horizontal[y1] >> 4)) >> 16) + 2) >> 2
-        output[y] = np.clip(value, 0, 255)
-    return output
-
-
-@pytest.mark.parametrize("size", [(13, 5), (7, 9), (20, 30), (3, 3), (7, 4), (11, 9)])
-def test_vectorised_resize_follows_the_spec_arithmetic(size):
-    image = random_rgb(7, 9, seed=1)
-    ours = _opencv_linear_resize(torch.from_numpy(image), *size).numpy()
-    assert np.array_equal(ours, spec_bilinear(image, *size))
+def test_resizes_reproduce_the_official_uint8_pixels_of_the_tiny_photo():
+    """The tiny official photo (tests/fixtures/tiny), 67x69 -> 512x527 -> 512x544, against the SHA-256 digests
+    of the official uint8 images after each resize and every 8th pixel of the last one."""
+    with Image.open(TINY_DIR / "tiny-photo.png") as image:
+        rgb = torch.from_numpy(np.array(image.convert("RGB")))
+    with safe_open(TINY_DIR / "tiny-photo-whole.safetensors", framework="pt") as file:
+        metadata, every8 = file.metadata(), file.get_tensor("resized_rgb_uint8_every8")
+    first = opencv_linear_resize(rgb, 512, 527)
+    second = opencv_linear_resize(first, 512, 544)
+    assert first.dtype == second.dtype == torch.uint8
+    assert sha256_of(first) == metadata["first_resize_rgb_uint8_sha256"]
+    assert torch.equal(second[::8, ::8], every8)
+    assert sha256_of(second) == metadata["resized_rgb_uint8_sha256"]
 
 
 def test_same_size_resize_is_a_copy_and_constant_images_stay_constant():
     image = torch.from_numpy(random_rgb(9, 11))
-    assert torch.equal(_opencv_linear_resize(image, 9, 11), image)
+    assert torch.equal(opencv_linear_resize(image, 9, 11), image)
     constant = torch.full((17, 23, 3), 201, dtype=torch.uint8)
-    assert torch.all(_opencv_linear_resize(constant, 40, 9) == 201)
+    assert torch.all(opencv_linear_resize(constant, 40, 9) == 201)
 
 
 def test_defaults_are_the_ade20k_pipeline():
@@ -210,9 +203,9 @@ def test_explicit_layout_rgb_conversion_switch_and_positional_return_tensors(pro
     expected = pixels(processor, chw.transpose(1, 2, 0), input_data_format="channels_last")
     assert torch.equal(pixels(processor, chw, input_data_format="channels_first"), expected)
     assert torch.equal(pixels(processor, torch.from_numpy(chw), input_data_format="channels_first"), expected)
-    with pytest.raises(ValueError, match=r"is not RGB and do_convert_rgb=False"):
+    with pytest.raises(ValueError, match=r"has 1 channel\(s\), but the processor expects 3 .*do_convert_rgb=False"):
         processor(Image.fromarray(random_rgb(30, 40)[:, :, 0]), do_convert_rgb=False)
-    with pytest.raises(ValueError, match=r"has 1 channels and do_convert_rgb=False"):
+    with pytest.raises(ValueError, match=r"has 1 channel\(s\), but the processor expects 3 .*do_convert_rgb=False"):
         processor(random_rgb(30, 40)[:, :, :1], do_convert_rgb=False)
     rgb = random_rgb(30, 40)
     assert torch.equal(pixels(processor, rgb, do_convert_rgb=False), pixels(processor, rgb))
@@ -401,7 +394,7 @@ def test_post_processing_of_a_padded_batch(processor):
 def test_post_processing_without_target_sizes_and_full_resolution_logits(processor):
     logits = torch.randn(2, 4, 9, 11)
     maps = processor.post_process_semantic_segmentation(SemanticSegmenterOutput(logits=logits))
-    assert all(torch.equal(m, l.argmax(dim=0)) for m, l in zip(maps, logits))
+    assert all(torch.equal(m, logit.argmax(dim=0)) for m, logit in zip(maps, logits))
     full = torch.randn(1, 4, 512, 704)  # e.g. sliding-window logits at the input size
     segmentation = processor.post_process_semantic_segmentation(full, target_sizes=[(375, 500)])[0]
     expected = F.interpolate(full, size=(375, 500), mode="bilinear", align_corners=False)[0].argmax(dim=0)
@@ -424,6 +417,50 @@ def test_post_processing_refuses_logits_that_do_not_fit(processor):
     # With the real input size, the same logits are fine.
     segmentation = processor.post_process_semantic_segmentation(logits, [(100, 100)], input_sizes=[(256, 256)])[0]
     assert segmentation.shape == (100, 100)
+
+
+def test_segmentation_scores_have_segformers_structure(processor):
+    """`return_segmentation_scores=True` returns what SegFormer's processor returns: per image a
+    `SemanticSegmentationPostProcessorOutput` with `segmentation` and `segmentation_scores` (the raw logits
+    resized to the target size); the default stays a list of (H, W) int64 maps."""
+    from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
+    from transformers.models.segformer.image_processing_pil_segformer import SegformerImageProcessorPil
+
+    images = [random_rgb(30, 40, seed=9), random_rgb(45, 35, seed=10)]
+    padded = tuple(processor(images)["pixel_values"].shape[-2:])
+    logits = torch.randn(2, 6, math.ceil(padded[0] / 8), math.ceil(padded[1] / 8), generator=torch.Generator().manual_seed(1))
+    outputs = SemanticSegmenterOutput(logits=logits)
+    targets = [(30, 40), (45, 35)]
+    maps = processor.post_process_semantic_segmentation(outputs, targets)
+    scored = processor.post_process_semantic_segmentation(outputs, targets, return_segmentation_scores=True)
+    processed = [processor.get_processed_size(*target) for target in targets]
+    for logit, size, target, segmentation, item in zip(logits, processed, targets, maps, scored):
+        assert isinstance(item, SemanticSegmentationPostProcessorOutput)
+        assert set(item.keys()) == {"segmentation", "segmentation_scores"}
+        assert item.segmentation_scores.shape == (6, *target) and item.segmentation_scores.dtype == torch.float32
+        input_size = F.interpolate(logit[None], size=padded, mode="bilinear", align_corners=False)
+        expected = F.interpolate(input_size[:, :, : size[0], : size[1]], size=target, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(item["segmentation_scores"], expected[0], rtol=0, atol=1e-5)
+        assert item.segmentation.dtype == torch.int64 and torch.equal(item.segmentation, segmentation)
+        assert torch.equal(item.segmentation, item.segmentation_scores.argmax(dim=0))
+
+    # SegFormer's own processor as the oracle, on logits at the network input size (no stride-8 resize).
+    full = torch.randn(1, 6, 40, 56, generator=torch.Generator().manual_seed(2))
+    segformer = SegformerImageProcessorPil().post_process_semantic_segmentation(
+        SemanticSegmenterOutput(logits=full), target_sizes=[(30, 41)], return_segmentation_scores=True
+    )[0]
+    ours = processor.post_process_semantic_segmentation(
+        full, [(30, 41)], return_segmentation_scores=True, input_sizes=[(40, 56)]
+    )[0]
+    assert type(ours) is type(segformer) and set(ours.keys()) == set(segformer.keys())
+    torch.testing.assert_close(ours.segmentation_scores, segformer.segmentation_scores, rtol=0, atol=1e-5)
+    assert torch.equal(ours.segmentation, segformer.segmentation)
+    native = processor.post_process_semantic_segmentation(full, return_segmentation_scores=True)[0]
+    native_segformer = SegformerImageProcessorPil().post_process_semantic_segmentation(
+        SemanticSegmenterOutput(logits=full), return_segmentation_scores=True
+    )[0]
+    assert torch.equal(native.segmentation_scores, native_segformer.segmentation_scores)
+    assert torch.equal(native.segmentation, native_segformer.segmentation)
 
 
 def test_only_semantic_post_processing_for_the_pipeline(processor):
@@ -459,6 +496,51 @@ def test_pipeline_with_a_tiny_model(processor):
         assert result["mask"].size == (90, 60)
         class_id = config.label2id[result["label"]]
         assert np.array_equal(np.array(result["mask"]) > 0, (expected == class_id).numpy())
+
+
+@pytest.mark.parametrize("num_channels", [1, 4])
+def test_a_model_with_other_than_three_channels_through_its_processor(num_channels, tmp_path):
+    """image_mean / image_std of length C and do_convert_rgb=False: images keep their own C channels,
+    processor -> model -> post-processing works, and the settings survive save/load."""
+    from helpers import tiny_config
+    from metaseg_hf import MetaSegForSemanticSegmentation
+
+    torch.manual_seed(0)
+    model = MetaSegForSemanticSegmentation(tiny_config(num_channels=num_channels)).eval()
+    processor = MetaSegImageProcessor(
+        size={"shortest_edge": 64, "longest_edge": 256},
+        image_mean=[0.5] * num_channels,
+        image_std=[0.25] * num_channels,
+        do_convert_rgb=False,
+    )
+    assert processor.num_channels == num_channels
+    array = np.random.default_rng(num_channels).integers(0, 256, (60, 90, num_channels), dtype=np.uint8)
+    image = Image.fromarray(array[:, :, 0] if num_channels == 1 else array, mode="L" if num_channels == 1 else "RGBA")
+    inputs = processor(image)
+    assert inputs["pixel_values"].shape == (1, num_channels, 64, 96)
+    # Every channel goes through the same OpenCV resize and its own normalisation.
+    resized = opencv_linear_resize(torch.from_numpy(array), 64, 96).permute(2, 0, 1).float()
+    torch.testing.assert_close(inputs["pixel_values"][0], (resized / 255 - 0.5) / 0.25, rtol=0, atol=1e-5)
+    assert torch.equal(processor(array)["pixel_values"], inputs["pixel_values"])
+    with torch.no_grad():
+        outputs = model(**inputs)
+    segmentation = processor.post_process_semantic_segmentation(outputs, target_sizes=[(60, 90)])[0]
+    assert segmentation.shape == (60, 90) and segmentation.dtype == torch.int64
+    prediction = processor.segment(model, image)[0]
+    assert torch.equal(prediction.segmentation, segmentation)
+
+    processor.save_pretrained(tmp_path)
+    loaded = MetaSegImageProcessor.from_pretrained(tmp_path)
+    assert loaded.num_channels == num_channels and loaded.do_convert_rgb is False
+    assert torch.equal(loaded(image)["pixel_values"], inputs["pixel_values"])
+
+    wrong = random_rgb(60, 90)  # 3 channels for a C-channel processor
+    with pytest.raises(ValueError, match=rf"has 3 channel\(s\), but the processor expects {num_channels} "):
+        processor(wrong)
+    with pytest.raises(ValueError, match=rf"describe {num_channels}-channel images, but do_convert_rgb=True"):
+        MetaSegImageProcessor(image_mean=[0.5] * num_channels, image_std=[0.25] * num_channels)
+    with pytest.raises(ValueError, match=r"one value per image channel, the same number in both"):
+        MetaSegImageProcessor(image_mean=[0.5] * num_channels, image_std=[0.25, 0.25], do_convert_rgb=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -500,26 +582,6 @@ def test_cityscapes_has_no_size_divisor_step(tmp_path):
 def _saved(processor, folder):
     processor.save_pretrained(folder)
     return folder
-
-
-def test_legacy_reduce_labels_key_is_honoured(tmp_path):
-    (tmp_path / "preprocessor_config.json").write_text(
-        json.dumps({"image_processor_type": "MetaSegImageProcessor", "reduce_labels": True})
-    )
-    loaded = MetaSegImageProcessor.from_pretrained(tmp_path)
-    assert loaded.do_reduce_labels is True
-    assert "reduce_labels" not in loaded.to_dict() and not hasattr(loaded, "reduce_labels")
-    resaved = json.loads((_saved(loaded, tmp_path / "resaved") / "preprocessor_config.json").read_text())
-    assert resaved["do_reduce_labels"] is True and "reduce_labels" not in resaved
-    assert MetaSegImageProcessor.from_pretrained(tmp_path, do_reduce_labels=False).do_reduce_labels is False
-    assert MetaSegImageProcessor.from_pretrained(tmp_path, reduce_labels=False).do_reduce_labels is False
-    assert MetaSegImageProcessor(reduce_labels=True).do_reduce_labels is True
-
-    label = np.zeros((8, 8), dtype=np.uint8)
-    reduced = MetaSegImageProcessor()(random_rgb(8, 8), label, do_resize=False, reduce_labels=True)["labels"]
-    assert torch.all(reduced == 255)
-    with pytest.raises(ValueError, match="reduce_labels=True.*do_reduce_labels=False"):
-        MetaSegImageProcessor(reduce_labels=True, do_reduce_labels=False)
 
 
 def test_non_base_kwargs_are_declared():

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from torch.nn import functional as F
 
-from conftest import REPO_ROOT, tiny_config
+from helpers import REPO_ROOT, tiny_config
 from metaseg_hf import MetaSegForSemanticSegmentation
 from metaseg_hf.inference_metaseg import logits_to_prediction, predict, sliding_window_logits, window_starts
 
@@ -117,7 +117,7 @@ def test_4000x6000_output_with_bounded_memory():
         """
         import resource, sys, torch
         sys.path.insert(0, "tests")
-        from conftest import tiny_config
+        from helpers import tiny_config
         from metaseg_hf import MetaSegForSemanticSegmentation
         torch.manual_seed(0)
         model = MetaSegForSemanticSegmentation(tiny_config(num_labels=19)).eval()

@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForSemanticSegmentation
 
-from conftest import BLOCK_METASEG_HF, make_hub_cache, run_python, tiny_config
+from helpers import BLOCK_METASEG_HF, make_hub_cache, run_python, tiny_config
 from metaseg_hf import MetaSegBackbone, MetaSegConfig, MetaSegForSemanticSegmentation, MetaSegModel
+
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):

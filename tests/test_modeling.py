@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ATTENTION_KEYS, STAGE_KEYS, run_reference_batch, tiny_config
+from helpers import ATTENTION_KEYS, STAGE_KEYS, run_reference_batch, tiny_config
 from metaseg_hf import MetaSegBackbone, MetaSegConfig, MetaSegForSemanticSegmentation, MetaSegModel, minimum_input_size
+
 
 @pytest.fixture(scope="module")
 def truth(reference):
@@ -136,6 +137,28 @@ def test_return_dict_false_gives_a_tuple(tiny_model):
     assert len(hidden_states) == 4 and len(attentions) == 3
 
 
+def test_output_settings_follow_the_config_as_in_transformers():
+    """`output_hidden_states` / `output_attentions` / `return_dict` default to the config's values in all
+    three models; without them only the logits (feature maps, last stage) come back."""
+    torch.manual_seed(0)
+    pixel_values = torch.randn(1, 3, 64, 64)
+    plain = MetaSegForSemanticSegmentation(tiny_config()).eval()
+    outputs = plain(pixel_values)
+    assert outputs.hidden_states is None and outputs.attentions is None
+    assert len(plain(pixel_values, return_dict=False)) == 1
+    verbose = tiny_config(output_hidden_states=True, output_attentions=True, return_dict=False)
+    segmentation = MetaSegForSemanticSegmentation(verbose).eval()
+    segmentation.load_state_dict(plain.state_dict())
+    logits, hidden_states, attentions = segmentation(pixel_values)
+    assert torch.equal(logits, outputs.logits)
+    assert [h.shape[1] for h in hidden_states] == [8, 16, 16, 32] and len(attentions) == 3
+    last_hidden_state, encoder_hidden_states = MetaSegModel(verbose)(pixel_values)
+    assert last_hidden_state.shape == (1, 32, 2, 2) and len(encoder_hidden_states) == 4
+    feature_maps, backbone_hidden_states = MetaSegBackbone(verbose)(pixel_values)
+    assert [f.shape[1] for f in feature_maps] == [32] and len(backbone_hidden_states) == 4  # default: last stage
+    assert MetaSegBackbone(tiny_config(out_features=["stage2"]))(pixel_values, return_dict=False)[0][0].shape[1] == 16
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     model = MetaSegForSemanticSegmentation(tiny_config(drop_path_rate=0.0, decoder_drop_path_rate=0.0,
@@ -152,7 +175,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             module.eval()
     assert any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
     model(pixel_values, labels=labels).loss.backward()
-    for parameter, grad in zip(model.parameters(), expected):
+    for parameter, grad in zip(model.parameters(), expected, strict=True):
         assert torch.allclose(parameter.grad, grad, atol=1e-6)
 
 
@@ -189,7 +212,7 @@ def test_base_model_returns_all_stages(tiny_model):
     outputs = encoder(pixel_values, output_hidden_states=True)
     full = tiny_model(pixel_values, output_hidden_states=True)
     assert torch.equal(outputs.last_hidden_state, full.hidden_states[-1])
-    assert all(torch.equal(a, b) for a, b in zip(outputs.hidden_states, full.hidden_states))
+    assert all(torch.equal(a, b) for a, b in zip(outputs.hidden_states, full.hidden_states, strict=True))
     # The bare encoder has no decoder and therefore no minimum size.
     assert encoder(torch.randn(1, 3, 16, 16)).last_hidden_state.shape == (1, 32, 1, 1)
 

@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import pipeline
 
-from conftest import BLOCK_METASEG_HF, make_hub_cache, run_python
+from helpers import BLOCK_METASEG_HF, make_hub_cache, run_python
 
 # Reconstructs the class map from the pipeline's per-class masks (used inside subprocesses too).
 CLASS_MAP_FROM_SEGMENTS = textwrap.dedent(

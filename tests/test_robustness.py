@@ -19,8 +19,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO_ROOT, tiny_config
-from metaseg_hf import MetaSegBackbone, MetaSegForSemanticSegmentation, MetaSegImageProcessor, MetaSegModel
+from helpers import REPO_ROOT, tiny_config
+from metaseg_hf import (
+    MetaSegBackbone,
+    MetaSegConfig,
+    MetaSegForSemanticSegmentation,
+    MetaSegImageProcessor,
+    MetaSegModel,
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +73,35 @@ def test_one_tensor_of_the_wrong_shape_is_named(saved, tmp_path):
     state_dict = load_file(folder / "model.safetensors")
     state_dict["metaseg.encoder.stages.1.blocks.0.mlp.fc1.weight"] = torch.zeros(8, 16, 1, 1)
     save_file(state_dict, folder / "model.safetensors", metadata={"format": "pt"})
+    # RuntimeError, as Transformers raises for size mismatches, but naming the key, both shapes and the fix.
     with pytest.raises(
-        ValueError,
-        match=r"metaseg\.encoder\.stages\.1\.blocks\.0\.mlp\.fc1\.weight: checkpoint \(8, 16, 1, 1\) vs model \(32, 16, 1, 1\)",
+        RuntimeError,
+        match=r"(?s)metaseg\.encoder\.stages\.1\.blocks\.0\.mlp\.fc1\.weight: checkpoint \(8, 16, 1, 1\) vs model "
+        r"\(32, 16, 1, 1\).*ignore_mismatched_sizes=True",
     ):
         MetaSegForSemanticSegmentation.from_pretrained(folder)
+
+
+def test_unexpected_keys_are_reported_not_raised(saved, tmp_path):
+    """Transformers' semantics: extra tensors (another head, an EMA copy) load with a report, not an error."""
+    folder = broken_copy(saved, tmp_path, "extra")
+    state_dict = load_file(folder / "model.safetensors")
+    state_dict["auxiliary_head.weight"] = torch.zeros(2, 2)
+    save_file(state_dict, folder / "model.safetensors", metadata={"format": "pt"})
+    model, info = MetaSegForSemanticSegmentation.from_pretrained(folder, output_loading_info=True)
+    assert info["unexpected_keys"] == {"auxiliary_head.weight"}
+    assert info["missing_keys"] == set() and info["mismatched_keys"] == set()
+    reference = MetaSegForSemanticSegmentation.from_pretrained(saved)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+def test_explicit_state_dict_is_loaded(saved):
+    """Transformers 5's `from_pretrained(None, config=..., state_dict=...)` loads the given tensors."""
+    state_dict = load_file(saved / "model.safetensors")
+    state_dict["decode_head.classifier.bias"] = torch.arange(5, dtype=torch.float32)
+    config = MetaSegConfig.from_pretrained(saved)
+    model = MetaSegForSemanticSegmentation.from_pretrained(None, config=config, state_dict=state_dict)
+    assert torch.equal(model.decode_head.classifier.bias, torch.arange(5, dtype=torch.float32))
 
 
 def test_changing_the_label_set_is_allowed_when_asked(saved):
@@ -167,7 +197,7 @@ def test_10000x10000_photo_is_handled_with_bounded_memory():
         """
         import resource, sys, numpy as np, torch
         sys.path.insert(0, "tests")
-        from conftest import tiny_config
+        from helpers import tiny_config
         from metaseg_hf import MetaSegForSemanticSegmentation, MetaSegImageProcessor
         torch.manual_seed(0)
         model = MetaSegForSemanticSegmentation(tiny_config(num_labels=19)).eval()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO_ROOT, tiny_config
+from helpers import REPO_ROOT, tiny_config
 from metaseg_hf import MetaSegForSemanticSegmentation, MetaSegImageProcessor
 
 sys.path.insert(0, str(REPO_ROOT / "examples"))

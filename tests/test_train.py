@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, tiny_config
+from helpers import REPO_ROOT, tiny_config
 from test_data import make_ade20k, make_cityscapes, make_imagefolder
 
 TRAIN_SCRIPT = REPO_ROOT / "examples" / "train.py"
@@ -76,8 +77,8 @@ def test_two_process_cpu_ddp_run(tmp_path, tiny_model_dir, small_data):
     # The 2-process validation (3 images sharded 2 + 1, confusion matrices summed) equals one process's.
     from metaseg_hf import MetaSegForSemanticSegmentation, MetaSegImageProcessor
     from metaseg_hf.data import SegmentationEvalDataset, load_segmentation_data
+    from metaseg_hf.evaluation import evaluate_segmentation
     from metaseg_hf.metrics import StreamingMeanIoU
-    from metaseg_hf.training import evaluate_segmentation
 
     data = load_segmentation_data(train_dir=small_data / "train", validation_dir=small_data / "val")
     model = MetaSegForSemanticSegmentation.from_pretrained(output)
@@ -185,24 +186,50 @@ def test_sigkill_then_resume_latest_gives_the_uninterrupted_run(tmp_path, tiny_m
 # ---------------------------------------------------------------------------------------------------
 
 
+def label_histograms(files, num_labels, reduce_zero_label=False):
+    """Each label file's pixel count per class, read straight off the PNGs by the layout's rule."""
+    histograms = []
+    for path in sorted(files):
+        label = np.asarray(Image.open(path)).astype(np.int64)
+        if reduce_zero_label:  # ADE20K: 0 ("other") is ignored, class k is stored as k + 1
+            label = np.where(label == 0, 255, label - 1)
+        histograms.append(np.bincount(label[label != 255], minlength=num_labels).tolist())
+    return histograms
+
+
 @pytest.mark.parametrize("layout", ["imagefolder", "ade20k", "cityscapes"])
 def test_one_run_on_each_folder_layout(tmp_path, tiny_model_dir, layout):
+    """Two steps of train.py on each layout; the final evaluation must have scored exactly the validation
+    labels on disk (pixels per class, after the layout's label rule), at their own resolution."""
     from metaseg_hf import MetaSegConfig, MetaSegImageProcessor
 
+    data = tmp_path / "data"
     if layout == "imagefolder":
-        make_imagefolder(tmp_path / "data", 6, size=(64, 80))
+        make_imagefolder(data, 6, size=(64, 80))
         expected_labels, expected_reduce = 5, False
+        # No validation folder: round(0.15 * 6) = 1 training image is held out, whichever the seed picks.
+        candidates = label_histograms((data / "labels").glob("*.png"), 5)
     elif layout == "ade20k":
-        make_ade20k(tmp_path / "data", counts=(4, 2), size=(64, 80))
+        make_ade20k(data, counts=(4, 2), size=(64, 80))
         expected_labels, expected_reduce = 150, True
+        files = (data / "ADEChallengeData2016" / "annotations" / "validation").glob("*.png")
+        candidates = [np.sum(label_histograms(files, 150, reduce_zero_label=True), axis=0).tolist()]
     else:
-        make_cityscapes(tmp_path / "data", counts=(4, 2), size=(64, 128))
+        make_cityscapes(data, counts=(4, 2), size=(64, 128))
         expected_labels, expected_reduce = 19, False
+        candidates = [np.sum(label_histograms((data / "gtFine" / "val").glob("*/*_labelTrainIds.png"), 19), axis=0).tolist()]
     output = tmp_path / "out"
-    run_train(["--model_name_or_path", tiny_model_dir, "--train_dir", tmp_path / "data", "--dataset_format", layout,
+    run_train(["--model_name_or_path", tiny_model_dir, "--train_dir", data, "--dataset_format", layout,
                *FAST, "--max_train_steps", "2", "--output_dir", output])
     results = json.loads((output / "all_results.json").read_text())
-    assert results["train_steps"] == 2 and 0.0 <= results["eval_mean_iou"] <= 1.0
+    assert results["train_steps"] == 2
+    per_class = results["eval_per_class"]
+    assert [row["id"] for row in per_class] == list(range(expected_labels))
+    label_pixels = [row["label_pixels"] for row in per_class]
+    assert label_pixels in candidates, f"evaluated label pixels per class {label_pixels}, expected one of {candidates}"
+    assert sum(row["predicted_pixels"] for row in per_class) == sum(label_pixels)  # every valid pixel predicted once
+    ious = [row["iou"] for row in per_class if row["iou"] is not None]
+    assert results["eval_mean_iou"] == pytest.approx(sum(ious) / len(ious))
     config = MetaSegConfig.from_pretrained(output)
     assert config.num_labels == expected_labels  # the classifier follows the data (re-created when it differs)
     assert MetaSegImageProcessor.from_pretrained(output).do_reduce_labels == expected_reduce
@@ -358,7 +385,7 @@ def test_warmup_polynomial_schedule_matches_mmcv():
 
 
 def test_latest_ignores_incomplete_checkpoints(tmp_path):
-    from metaseg_hf.training import COMPLETE_MARKER, find_latest_checkpoint, resolve_checkpoint
+    from metaseg_hf.checkpoints import COMPLETE_MARKER, find_latest_checkpoint, resolve_checkpoint
 
     assert find_latest_checkpoint(tmp_path) is None and resolve_checkpoint("latest", tmp_path) is None
     for step in (2, 10, 4):
@@ -385,5 +412,5 @@ def test_backbone_checkpoint_and_preset_build_the_model(tmp_path, reference):
     expected = convert_state_dict(imagenet, backbone_only=True).state_dict
     loaded = model.metaseg.state_dict()
     assert all(torch.equal(loaded[key], value) for key, value in expected.items())
-    with pytest.raises(ValueError, match="Unknown --config_name"):
+    with pytest.raises(ValueError, match="Unknown MetaSeg preset 'metaseg-x'"):
         build_model(id2label, config_name="metaseg-x")

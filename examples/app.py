@@ -1,0 +1,326 @@
+"""A demo page: segment a photo in the browser with a MetaSeg model (Gradio).
+
+    pip install "metaseg-hf[app]"
+    python examples/app.py --model runs/demo                    # the model examples/train.py trains
+    python examples/app.py --model metaseg-t-ade20k --port 7860 --device cuda
+
+A person uploads a photo (or picks an example) and sees the photo blended with the class colours at
+its own size, a legend of the classes present with their share of the image, and a class-id PNG to
+download (pixel value = class id, coloured with the model's palette). Controls: inference mode
+(whole / slide), horizontal-flip and multi-scale test-time augmentation, overlay opacity (re-blends
+without running the model again). Everything runs through the library's `segment()` and the
+pictures come from `metaseg_hf.visualization`, as `examples/segment.py` writes them.
+
+Uploads are checked before they are decoded: a photo over `--max_pixels` (from its header) or a file
+that is not a readable image gets a message in the page, and the app keeps serving. Each request
+writes its class-id PNG into its own temporary folder, and no result is kept between requests except
+in the person's own session (for the opacity slider). The same function is an API (what a Space
+exposes), callable with `gradio_client`:
+
+    from gradio_client import Client, handle_file
+    overlay, legend_html, class_png, status = Client("http://127.0.0.1:7860/").predict(
+        handle_file("photo.jpg"), "whole", False, False, 0.5, api_name="/segment")
+"""
+
+import argparse
+import atexit
+import html
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before Gradio is imported: no telemetry, no version check
+
+import gradio as gr
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+
+import metaseg_hf  # noqa: F401  (registers MetaSeg with the Auto classes)
+from metaseg_hf.inference_metaseg import segment, window_starts
+from metaseg_hf.synthetic import save_example_image
+from metaseg_hf.visualization import class_fractions, class_map_image, class_palette, overlay_image
+
+HOW_TO_GET_A_MODEL = """\
+examples/app.py needs a model: --model FOLDER_OR_HUB_ID. It trains nothing itself. To get one:
+  - train the demo model on the built-in synthetic scenes (a few minutes on a CPU):
+        accelerate launch examples/train.py --output_dir runs/demo
+        python examples/app.py --model runs/demo
+  - or convert an official MetaSeg checkpoint:
+        python conversion/convert_metaseg_to_hf.py --checkpoint metaseg_tiny_ade.pth --output_dir metaseg-t-ade20k
+        python examples/app.py --model metaseg-t-ade20k
+"""
+
+# MMSegmentation's multi-scale test uses 0.5 ... 1.75; three ratios keep a CPU demo responsive.
+DEFAULT_SCALES = (0.75, 1.0, 1.25)
+DEFAULT_MAX_PIXELS = 40_000_000
+# Seconds an upload, a result picture or a class-id PNG stays on the server (and a session's last result).
+FILE_LIFETIME = 3600
+
+
+class PhotoError(ValueError):
+    """An upload the app refuses: not an image, truncated or corrupt, or too large."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model folder or Hub id (see the message printed without it)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to serve the network)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--examples", nargs="+", type=Path,
+                        help="example photos (default: two held-out scenes of the synthetic demo dataset)")
+    parser.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES),
+                        help="ratios of the multi-scale option (official: 0.5 0.75 1.0 1.25 1.5 1.75)")
+    parser.add_argument("--window_size", type=int,
+                        help="slide mode: window side (default: the model's, else the processor's short side)")
+    parser.add_argument("--window_stride", type=int,
+                        help="slide mode: window stride (default: the model's, else 2/3 of the window)")
+    parser.add_argument("--batch_size", type=int, default=4, help="sliding windows per forward pass")
+    parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest photo accepted")
+    parser.add_argument("--max_file_size", default="50mb", help="largest upload accepted (Gradio refuses bigger)")
+    parser.add_argument("--concurrency", type=int, default=1, help="requests segmented at the same time")
+    parser.add_argument("--trust_remote_code", action="store_true")
+    return parser.parse_args(argv)
+
+
+class _CountingModel:
+    """The shared model, seen by one request: calls `on_forward(count)` after each forward pass."""
+
+    def __init__(self, model, on_forward):
+        self._model, self._on_forward, self._calls = model, on_forward, 0
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, *args, **kwargs):
+        outputs = self._model(*args, **kwargs)
+        self._calls += 1
+        self._on_forward(self._calls)
+        return outputs
+
+
+def legend_html(rows: list[tuple[int, str, float]], palette) -> str:
+    """The legend as an HTML table: swatch, class id, name and share of the image, largest first."""
+    lines = []
+    for index, name, fraction in rows:
+        red, green, blue = (int(value) for value in palette[index])
+        swatch = (f'<span style="display:inline-block;width:1.1em;height:1.1em;border:1px solid #000;'
+                  f'background:rgb({red},{green},{blue})"></span>')
+        lines.append(f'<tr data-class-id="{index}"><td>{swatch}</td><td>{index}</td>'
+                     f'<td class="name">{html.escape(name.strip())}</td><td class="share">{fraction:.2%}</td></tr>')
+    header = "<tr><th></th><th>id</th><th>class</th><th>share</th></tr>"
+    return (f'<div style="max-height:28em;overflow-y:auto"><p>{len(rows)} classes present</p>'
+            f'<table class="legend"><thead>{header}</thead><tbody>{"".join(lines)}</tbody></table></div>')
+
+
+class SegmentationDemo:
+    """The page's work, for one model. Holds only settings: every result lives in its request (and, for
+    the opacity slider, in the person's own session state)."""
+
+    def __init__(self, model, processor, work_dir, scales=DEFAULT_SCALES, window_size=None, window_stride=None,
+                 window_batch_size=4, max_pixels=DEFAULT_MAX_PIXELS):
+        self.model, self.processor, self.work_dir = model.eval(), processor, Path(work_dir)
+        self.palette = class_palette(model.config)
+        self.scales, self.window_batch_size, self.max_pixels = tuple(scales), window_batch_size, max_pixels
+        config = model.config
+        short_side = getattr(processor.size, "shortest_edge", None) or min(
+            value for value in (getattr(processor.size, "height", None), getattr(processor.size, "width", None)) if value)
+        self.window_size = window_size or config.sliding_window_size or short_side
+        self.window_stride = window_stride or config.sliding_window_stride or max(1, self.window_size * 2 // 3)
+
+    # ------------------------------------------------------------------ reading the upload
+
+    def read_photo(self, path) -> torch.Tensor:
+        """The uploaded file as (H, W, 3) uint8 RGB. Its size is checked from the header before decoding."""
+        name = Path(path).name
+        limit = (f"this demo accepts photos of at most {self.max_pixels:,} pixels "
+                 f"({self.max_pixels / 1e6:g} megapixels, --max_pixels); downscale it and upload it again")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(path)
+        except Image.DecompressionBombError as error:
+            raise PhotoError(f"{name} is too large: {error} Refused before decoding: {limit}.") from None
+        except UnidentifiedImageError:
+            raise PhotoError(
+                f"{name} is not an image file Pillow can read; upload a photo (JPEG, PNG, WebP, BMP, TIFF, ...)."
+            ) from None
+        with image:
+            width, height = image.size
+            if width * height > self.max_pixels:
+                raise PhotoError(f"{name} is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels): "
+                                 f"refused before decoding: {limit}.")
+            try:
+                image.load()
+            except (OSError, ValueError, SyntaxError, EOFError) as error:
+                raise PhotoError(f"{name} could not be decoded ({error}): the file is truncated or corrupt; "
+                                 "upload the complete file.") from None
+            return self.processor.to_rgb(image)
+
+    # ------------------------------------------------------------------ progress
+
+    def forward_passes(self, height: int, width: int, mode: str, flip: bool, scales) -> int:
+        """How many model calls `segment()` makes on a `height` x `width` photo (the progress bar's total)."""
+        size = self.processor.size
+        keys = [key for key in ("height", "width", "shortest_edge", "longest_edge") if getattr(size, key, None)]
+        total = 0
+        for ratio in scales:
+            overrides = {} if ratio == 1.0 else {"size": {key: int(getattr(size, key) * ratio) for key in keys}}
+            input_height, input_width = self.processor.get_processed_size(height, width, **overrides)
+            if mode == "slide":
+                windows = len(window_starts(input_height, self.window_size, self.window_stride)) * len(
+                    window_starts(input_width, self.window_size, self.window_stride))
+                total += math.ceil(windows / self.window_batch_size)
+            else:
+                total += 1
+        return total * (2 if flip else 1)
+
+    # ------------------------------------------------------------------ the page's functions
+
+    def run(self, photo, mode, flip, multi_scale, opacity, progress=gr.Progress()):  # noqa: B008 (Gradio's API)
+        """Upload -> (overlay, legend HTML, class-id PNG path, status, session state)."""
+        if photo is None:
+            return None, "", None, "Upload a photo or pick an example.", None
+        if mode not in ("whole", "slide"):
+            raise gr.Error(f"mode must be 'whole' or 'slide', got {mode!r}.")
+        started = time.perf_counter()
+        name = Path(photo).name
+        progress(0.0, desc=f"reading {name}")
+        try:
+            rgb = self.read_photo(photo)
+        except PhotoError as error:  # the person's file, not the app: the message says it all, no traceback
+            raise gr.Error(str(error), duration=None, print_exception=False) from error
+        height, width = rgb.shape[:2]
+        scales = self.scales if multi_scale else (1.0,)
+        total = self.forward_passes(height, width, mode, flip, scales)
+
+        def on_forward(count):
+            progress((count, total), desc=f"{mode} inference on {name}", unit="forward passes")
+            if count == total:
+                progress(1.0, desc=f"resizing to {width}x{height} and taking the argmax")
+
+        on_forward(0)
+        window = {"window_size": self.window_size, "window_stride": self.window_stride} if mode == "slide" else {}
+        try:
+            prediction = segment(_CountingModel(self.model, on_forward), self.processor, rgb, mode=mode, flip=flip,
+                                 scales=scales, window_batch_size=self.window_batch_size, **window)[0]
+        except ValueError as error:
+            raise gr.Error(f"{name}: {error}", duration=None) from error
+        segmentation = prediction.segmentation
+
+        rows = class_fractions(segmentation, self.model.config.id2label)
+        self.remove_old_requests()
+        request_dir = Path(tempfile.mkdtemp(prefix="request-", dir=self.work_dir))
+        class_png = request_dir / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', Path(photo).stem) or 'photo'}_classes.png"
+        class_map_image(segmentation, self.palette).save(class_png)
+        overlay = overlay_image(rgb, segmentation, self.palette, opacity)
+        options = [mode] + (["flip"] if flip else []) + ([f"scales {', '.join(map(str, scales))}"] if multi_scale else [])
+        status = (f"{name}: {width}x{height} pixels, {' + '.join(options)}, {len(rows)} classes, mean confidence "
+                  f"{prediction.probabilities_max.mean().item():.1%}, {time.perf_counter() - started:.2f} s "
+                  f"on {next(self.model.parameters()).device}.")
+        state = {"image": rgb, "segmentation": segmentation.to(torch.int32)}
+        return overlay, legend_html(rows, self.palette), str(class_png), status, state
+
+    def remove_old_requests(self):
+        """Deletes the request folders older than FILE_LIFETIME (Gradio's copies go at the same age)."""
+        for folder in self.work_dir.glob("request-*"):
+            try:
+                expired = time.time() - folder.stat().st_mtime > FILE_LIFETIME
+            except FileNotFoundError:  # a concurrent request deleted it first
+                continue
+            if expired:
+                shutil.rmtree(folder, ignore_errors=True)  # ditto
+
+    def blend(self, state, opacity):
+        """The overlay at another opacity, from the session's last result (no model call)."""
+        if state is None:
+            return gr.skip()
+        return overlay_image(state["image"], state["segmentation"], self.palette, opacity)
+
+    # ------------------------------------------------------------------ the page
+
+    def build(self, examples=(), title="MetaSeg demo") -> gr.Blocks:
+        config = self.model.config
+        with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(FILE_LIFETIME, FILE_LIFETIME)) as page:
+            gr.Markdown(
+                f"# {title}\nUpload a photo or pick an example: the page shows the classes this model "
+                f"({config.num_labels} classes, official test mode `{config.inference_mode}`) sees in it. "
+                f"Slide mode uses {self.window_size}-pixel windows every {self.window_stride} pixels; photos up to "
+                f"{self.max_pixels / 1e6:g} megapixels."
+            )
+            with gr.Row():
+                with gr.Column(scale=1):
+                    photo = gr.File(label="Photo", file_types=["image"], type="filepath", elem_id="photo")
+                    mode = gr.Radio(["whole", "slide"], value=config.inference_mode, label="Inference mode",
+                                    elem_id="mode")
+                    flip = gr.Checkbox(label="Flip (average with the mirrored photo)", elem_id="flip")
+                    multi_scale = gr.Checkbox(label=f"Multi-scale ({', '.join(map(str, self.scales))})",
+                                              elem_id="multi-scale")
+                    opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity", elem_id="opacity")
+                    if examples:
+                        gr.Examples([[str(path)] for path in examples], inputs=[photo], label="Example photos",
+                                    cache_examples=False)
+                with gr.Column(scale=2):
+                    overlay = gr.Image(label="Overlay", type="pil", format="png", interactive=False, elem_id="overlay")
+                    status = gr.Textbox(label="Status", interactive=False, elem_id="status")
+            with gr.Row():
+                legend = gr.HTML(label="Legend", elem_id="legend")
+                class_png = gr.File(label="Class-id PNG (pixel value = class id)", interactive=False,
+                                    elem_id="class-png")
+            state = gr.State(time_to_live=FILE_LIFETIME)
+            gr.on([photo.change, mode.change, flip.change, multi_scale.change], self.run,
+                  inputs=[photo, mode, flip, multi_scale, opacity], outputs=[overlay, legend, class_png, status, state],
+                  api_name="segment")
+            opacity.release(self.blend, inputs=[state, opacity], outputs=[overlay], api_visibility="private")
+        return page
+
+
+def example_photos(paths, work_dir: Path) -> list[Path]:
+    """The given example photos, or two held-out synthetic scenes written into `work_dir`."""
+    if paths:
+        missing = [str(path) for path in paths if not Path(path).is_file()]
+        if missing:
+            raise FileNotFoundError(f"--examples: no such file: {', '.join(missing)}")
+        return [Path(path).resolve() for path in paths]
+    return [save_example_image(work_dir / f"synthetic-scene-{index}.png", index, save_label=False)[0]
+            for index in range(2)]
+
+
+def create_app(args) -> tuple[gr.Blocks, dict]:
+    """The page for parsed `args` and the keyword arguments of its `launch()`. Per-request files go to a
+    temporary folder removed when the process exits."""
+    model = AutoModelForSemanticSegmentation.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    work_dir = Path(tempfile.mkdtemp(prefix="metaseg-app-"))
+    atexit.register(shutil.rmtree, work_dir, ignore_errors=True)
+    examples = example_photos(args.examples, work_dir)
+    demo = SegmentationDemo(model.to(args.device), processor, work_dir, args.scales, args.window_size,
+                            args.window_stride, args.batch_size, args.max_pixels)
+    page = demo.build(examples, title=f"MetaSeg: {Path(args.model).name}")
+    page.queue(default_concurrency_limit=args.concurrency)
+    launch_kwargs = dict(
+        server_name=args.host, server_port=args.port, share=False, ssr_mode=False, show_error=True,
+        max_file_size=args.max_file_size, allowed_paths=[str(work_dir), *{str(path.parent) for path in examples}],
+    )
+    return page, launch_kwargs
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.model:
+        print(HOW_TO_GET_A_MODEL, file=sys.stderr)
+        return 2
+    page, launch_kwargs = create_app(args)
+    page.launch(**launch_kwargs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Crash-safe training checkpoints: `checkpoint-<step>` folders written by `accelerator.save_state`.
+
+A save goes into a temporary folder; once every process has written its part, the main process writes
+the completion marker (`checkpoint_complete.json`, holding the training position), flushes everything to
+disk and renames the folder to `checkpoint-<step>` in one atomic step. A kill at any moment leaves either
+no `checkpoint-<step>` or a complete one, so `find_latest_checkpoint` never picks a broken save, and
+`remove_incomplete_checkpoints` cleans up what interrupted saves left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+CHECKPOINT_PREFIX = "checkpoint-"
+COMPLETE_MARKER = "checkpoint_complete.json"
+_TEMPORARY_PREFIX = ".tmp-" + CHECKPOINT_PREFIX
+_TRASH_PREFIX = ".old-" + CHECKPOINT_PREFIX
+
+
+def _fsync(path: Path) -> None:
+    """Flushes a file, or a folder's entries, to disk. (Folders cannot be opened on Windows: skipped there.)"""
+    if os.name == "nt" and path.is_dir():
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flushes every file and folder under `folder`, then `folder` itself."""
+    for path in sorted(folder.rglob("*")) + [folder]:
+        _fsync(path)
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step of a `checkpoint-<step>` folder name (None for other names)."""
+    match = re.fullmatch(re.escape(CHECKPOINT_PREFIX) + r"(\d+)", Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a `checkpoint-<step>` folder whose save finished (it holds the completion marker)."""
+    path = Path(path)
+    return path.is_dir() and checkpoint_step(path) is not None and (path / COMPLETE_MARKER).is_file()
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest step first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [path for path in output_dir.iterdir() if is_complete_checkpoint(path)]
+    return sorted(found, key=checkpoint_step)
+
+
+def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint in `output_dir` (None when there is none). Folders of saves
+    that were interrupted are never returned: they lack the marker or keep their temporary name."""
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def resolve_checkpoint(value: str, output_dir: str | os.PathLike) -> Path | None:
+    """`--resume_from_checkpoint`: `"latest"` -> the newest complete checkpoint of `output_dir` (None
+    when there is none yet: the run starts from scratch), or a path that must be a complete checkpoint."""
+    if value == "latest":
+        return find_latest_checkpoint(output_dir)
+    path = Path(value)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such folder")
+    if not (path / COMPLETE_MARKER).is_file():
+        raise ValueError(
+            f"--resume_from_checkpoint {value}: {COMPLETE_MARKER} is missing, so this checkpoint's save never "
+            f"finished; use --resume_from_checkpoint latest to pick the newest complete one"
+        )
+    return path
+
+
+def read_training_state(checkpoint: str | os.PathLike) -> dict:
+    """The training position saved with a checkpoint (`completed_steps`, `epoch`, `batches_in_epoch`, ...)."""
+    return json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text(encoding="utf-8"))
+
+
+def remove_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Deletes the temporary folders of interrupted saves; returns what it removed (main process only)."""
+    output_dir = Path(output_dir)
+    removed = []
+    if output_dir.is_dir():
+        for path in output_dir.iterdir():
+            if path.is_dir() and (path.name.startswith(_TEMPORARY_PREFIX) or path.name.startswith(_TRASH_PREFIX)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, training_state: dict,
+                    total_limit: int | None = None) -> Path:
+    """`accelerator.save_state` into `output_dir/checkpoint-<step>`, crash-safely. Call it on every process.
+
+    The state is written into a temporary folder; once every process has finished, the main process
+    writes the completion marker (with `training_state`), flushes everything to disk and renames the
+    folder to `checkpoint-<step>` in one atomic step. A kill at any moment leaves either no
+    `checkpoint-<step>` or a complete one, so `find_latest_checkpoint` never picks a broken save.
+    `total_limit` keeps only that many newest checkpoints.
+    """
+    output_dir = Path(output_dir)
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    temporary = output_dir / f"{_TEMPORARY_PREFIX}{step}"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if temporary.exists():
+            shutil.rmtree(temporary)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        marker = temporary / COMPLETE_MARKER
+        marker.write_text(json.dumps({"step": step, **training_state}, indent=2), encoding="utf-8")
+        _fsync_tree(temporary)
+        if final.exists():  # re-saving a step (a resumed run repeating a save): swap the folders
+            trash = output_dir / f"{_TRASH_PREFIX}{step}"
+            if trash.exists():
+                shutil.rmtree(trash)
+            os.replace(final, trash)
+            os.replace(temporary, final)
+            shutil.rmtree(trash)
+        else:
+            os.replace(temporary, final)
+        _fsync(output_dir)
+        if total_limit is not None and total_limit > 0:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "COMPLETE_MARKER",
+    "checkpoint_step",
+    "find_latest_checkpoint",
+    "is_complete_checkpoint",
+    "list_checkpoints",
+    "read_training_state",
+    "remove_incomplete_checkpoints",
+    "resolve_checkpoint",
+    "save_checkpoint",
+]
