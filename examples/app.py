@@ -29,6 +29,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -71,8 +72,10 @@ class PhotoError(ValueError):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model folder or Hub id (see the message printed without it)")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to serve the network)")
+    # Gradio's variables (a Hugging Face Space sets them) are the defaults.
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 serves the network)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--examples", nargs="+", type=Path,
                         help="example photos (default: two held-out scenes of the synthetic demo dataset)")
@@ -87,7 +90,13 @@ def parse_args(argv=None):
     parser.add_argument("--max_file_size", default="50mb", help="largest upload accepted (Gradio refuses bigger)")
     parser.add_argument("--concurrency", type=int, default=1, help="requests segmented at the same time")
     parser.add_argument("--trust_remote_code", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "max_pixels", "concurrency", "window_size", "window_stride"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if any(ratio <= 0 for ratio in args.scales):
+        parser.error(f"--scales must be positive resize ratios, got {args.scales}")
+    return args
 
 
 class _CountingModel:
@@ -225,7 +234,8 @@ class SegmentationDemo:
         status = (f"{name}: {width}x{height} pixels, {' + '.join(options)}, {len(rows)} classes, mean confidence "
                   f"{prediction.probabilities_max.mean().item():.1%}, {time.perf_counter() - started:.2f} s "
                   f"on {next(self.model.parameters()).device}.")
-        state = {"image": rgb, "segmentation": segmentation.to(torch.int32)}
+        compact = torch.uint8 if len(self.palette) <= 256 else torch.int32  # kept for the session: keep it small
+        state = {"image": rgb, "segmentation": segmentation.to(compact)}
         return overlay, legend_html(rows, self.palette), str(class_png), status, state
 
     def remove_old_requests(self):
@@ -318,6 +328,8 @@ def main(argv=None) -> int:
         print(HOW_TO_GET_A_MODEL, file=sys.stderr)
         return 2
     page, launch_kwargs = create_app(args)
+    # `kill` as well as Ctrl+C ends through sys.exit, so the temporary folder is removed (atexit).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     page.launch(**launch_kwargs)
     return 0
 

@@ -2,6 +2,10 @@
 
     python examples/segment.py --model runs/demo photos/ extra.jpg "more/*.png" --output_dir segmented
     python examples/segment.py --model org/metaseg-b-cityscapes street.png --output_dir out --mode slide
+    python examples/segment.py --onnx metaseg-t-onnx/model.onnx photos/ --output_dir segmented
+
+`--onnx` runs a file written by examples/export_onnx.py with ONNX Runtime (`pip install "metaseg-hf[onnx]"`),
+with the processor settings, labels and test mode saved beside it; the pictures are the same.
 
 For each image `NAME` it writes `NAME_classes.png` (class ids, coloured by the model's palette),
 `NAME_overlay.png` (the photo blended with the class colours), `NAME_legend.png` and `NAME.json` (the
@@ -19,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
-import metaseg_hf  # noqa: F401  (registers MetaSeg with the Auto classes)
+from metaseg_hf import MetaSegImageProcessor  # importing metaseg_hf registers MetaSeg with the Auto classes
 from metaseg_hf.inference_metaseg import WINDOW_BATCH_SIZE
 from metaseg_hf.visualization import class_fractions, class_map_image, class_palette, legend_image, overlay_image
 
@@ -28,7 +32,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".g
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model folder or Hub id")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="model folder or Hub id")
+    source.add_argument("--onnx", type=Path, help="model.onnx written by examples/export_onnx.py (or its folder)")
     parser.add_argument("inputs", nargs="+", help="image files, folders (their images) or glob patterns")
     parser.add_argument("--output_dir", required=True, type=Path)
     parser.add_argument("--mode", choices=["whole", "slide"], help="test mode (default: the model's official one)")
@@ -36,7 +42,8 @@ def parse_args(argv=None):
     parser.add_argument("--window_stride", type=int, help="slide mode: window stride (default: the model's)")
     parser.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale TTA ratios, e.g. 0.75 1 1.25")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="PyTorch model only")
+    parser.add_argument("--threads", type=int, help="--onnx: ONNX Runtime threads (default: one per core)")
     parser.add_argument("--batch_size", type=int, default=WINDOW_BATCH_SIZE, help="sliding windows per forward pass")
     parser.add_argument("--alpha", type=float, default=0.5, help="colour weight of the overlay")
     parser.add_argument("--trust_remote_code", action="store_true")
@@ -65,9 +72,15 @@ def main(argv=None) -> int:
     paths, errors = expand_inputs(args.inputs)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
-    model = AutoModelForSemanticSegmentation.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    model = model.to(args.device).eval()
-    processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    if args.onnx is not None:
+        from metaseg_hf.onnx_metaseg import ORTMetaSegForSemanticSegmentation
+
+        model = ORTMetaSegForSemanticSegmentation.from_pretrained(args.onnx, num_threads=args.threads)
+        processor = MetaSegImageProcessor.from_pretrained(model.path.parent)
+    else:
+        model = AutoModelForSemanticSegmentation.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        model = model.to(args.device).eval()
+        processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     palette = class_palette(model.config)
     args.output_dir.mkdir(parents=True, exist_ok=True)
 

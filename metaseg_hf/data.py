@@ -71,7 +71,7 @@ class DataError(ValueError):
 class SegmentationSplit:
     """One labelled split: a list of (image file, label file) pairs, or a `datasets.Dataset`.
 
-    `load(index)` returns the RGB image (`PIL.Image`), the label map (2-D numpy integer array, raw
+    `load(index)` returns the RGB image (`PIL.Image`), the label map ((H, W) int64 numpy array, raw
     values as stored) and a name for messages (the image path or `dataset[split] row i`).
     """
 

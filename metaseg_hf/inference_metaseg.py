@@ -57,7 +57,7 @@ def _model_logits(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def whole_logits(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, num_labels, H, W) float32: the stride-8 logits resized to the input size."""
+    """(B, C, H, W) -> (B, num_labels, H, W) float32: the stride-8 logits resized to the input size."""
     logits = _model_logits(model, pixel_values)
     return F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
 
@@ -65,7 +65,7 @@ def whole_logits(model, pixel_values: torch.Tensor) -> torch.Tensor:
 def sliding_window_logits(
     model, pixel_values: torch.Tensor, window_size, window_stride, window_batch_size: int = WINDOW_BATCH_SIZE
 ) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, num_labels, H, W) float32: each window's logits resized to the window,
+    """(B, C, H, W) -> (B, num_labels, H, W) float32: each window's logits resized to the window,
     summed into the map and divided by the per-pixel window count (the official `slide` mode)."""
     (window_h, window_w), (stride_h, stride_w) = _pair(window_size, "window_size"), _pair(window_stride, "window_stride")
     if window_batch_size < 1:
@@ -98,7 +98,7 @@ def input_size_logits(
     window_stride=None,
     window_batch_size: int = WINDOW_BATCH_SIZE,
 ) -> torch.Tensor:
-    """Logits at the input size, in `whole` or `slide` mode. (B, 3, H, W) -> (B, num_labels, H, W)."""
+    """Logits at the input size, in `whole` or `slide` mode. (B, C, H, W) -> (B, num_labels, H, W)."""
     if mode == "whole":
         return whole_logits(model, pixel_values)
     if mode == "slide":

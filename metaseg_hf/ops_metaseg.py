@@ -35,21 +35,29 @@ before the first kernel is built; that is how the tests run them):
   tile's own pixels). Weight and bias gradients are summed over the tile's pixels into one (taps, C) partial per
   program, all taps in one pass; the partials are summed by `torch.sum` afterwards.
 - `msca_forward`: the whole spatial MSCA in one kernel. A program owns BLOCK_H output rows x BLOCK_W columns x
-  BLOCK_C channels and streams down its rows (plus HALO = max(strip) // 2 rows of halo on each side, whose
-  horizontal strips it recomputes). Per row step: the kxk output `a` of the row over the columns plus a HALO
-  on each side goes to a ring buffer; after a barrier, the row's three horizontal strips are computed from it and
-  go to three ring buffers; after a second barrier, the output row HALO rows above is summed from the rings
-  (`a` + each vertical strip over the horizontal strip rows + biases) and stored. The rings are the program's
-  own slice of a global scratch tensor (Triton exposes no shared memory; they stay in L1 / L2) in the map's
-  dtype, so intermediates are rounded like the library's outputs.
-- The backward of the fused MSCA recomputes its intermediates (`a` and the three horizontal strips) with
-  `depthwise_forward` instead of saving them (four maps per block less activation memory) and chains
+  BLOCK_C channels and streams down its rows, plus HALO = max(strip) // 2 rows above and below whose `a` and
+  horizontal strips it recomputes (the tiles above and below compute them too). Per row step: the kxk output `a`
+  of the row, over the tile's columns plus HALO on each side, goes to a ring buffer; after a barrier, the row's
+  horizontal strips are computed from it (one load of `a` per column offset, shared by the strips that reach it)
+  and go to one ring buffer per strip; after a second barrier, the output row HALO rows above is summed from the
+  rings (`a` + each vertical strip over its horizontal strip's rows + biases) and stored. The rings are the
+  program's own slice of a scratch tensor in global memory (Triton exposes no shared memory; they stay in L1 / L2),
+  (RING_A * BLOCK_WA + strips * RING_H * BLOCK_W) * BLOCK_C elements per program, in the map's dtype: `a` and the
+  horizontal strips are rounded to it like the library's outputs are. The barriers (`tl.debug_barrier`, PTX
+  `bar.sync`) make the ring writes of all threads visible to the whole program (CUDA's `__syncthreads`
+  guarantee for global memory). The interpreter runs programs one at a time, so only a GPU run tests this
+  (`benchmarks/bench_depthwise_gpu.py` checks it at float32 first). The MSCA's gate (`* x`) is not fused: it
+  follows the 1x1 `channel_mixer`.
+- The backward of the fused MSCA recomputes its intermediates (`a` and the horizontal strips, in the map's dtype)
+  with `depthwise_forward` instead of saving them (four maps per block less activation memory) and chains
   `depthwise_backward` through the graph: vertical strips (gradient of each horizontal strip output, vertical
-  weights and biases), horizontal strips (accumulating the gradient of `a` in float32), then the kxk.
+  weights and biases), horizontal strips (accumulating the gradient of `a` in float32 in place), then the kxk.
+  Eleven kernel launches for three strips; fusing them is left to GPU tuning.
 
 Every Triton computation is a `torch.library.triton_op` with `register_autograd` (`metaseg::depthwise_conv2d`,
 `metaseg::msca_spatial`, and their `*_backward` ops), so `torch.compile` captures the kernels without graph
-breaks; call `load_triton_ops()` (or run once eagerly) before compiling.
+breaks; call `load_triton_ops()` (or run once eagerly) before compiling. Block sizes are heuristics for an H200
+(`_depthwise_blocks`, `_msca_blocks`), not yet tuned on one.
 """
 
 import os
@@ -289,10 +297,12 @@ def msca_spatial(
 
 
 def _resolve(implementation: str, unsupported_reason) -> str:
+    """The implementation to run. "triton" is checked in eager calls only: while torch.compile traces, the
+    eager warm-up has checked the same shapes already and the check's device queries would break the graph."""
     check_implementation(implementation)
     if implementation == "auto":
         return "triton" if unsupported_reason() is None else "library"
-    if implementation == "triton":
+    if implementation == "triton" and not torch.compiler.is_compiling():
         _require_triton(unsupported_reason())
     return implementation
 
@@ -384,9 +394,12 @@ def triton_kernels():
 
 
 def _define_kernels():
-    global triton, tl, _gelu, _gelu_grad, _horizontal_strip, _vertical_strip
+    global triton, tl, _gelu, _gelu_grad
     import triton
     import triton.language as tl
+
+    # Kernel code avoids calls to other @triton.jit functions in its loops: under the interpreter each such call
+    # costs milliseconds. The two GELU helpers run once per tile.
 
     @triton.jit
     def _gelu(z):
@@ -414,33 +427,41 @@ def _define_kernels():
         BLOCK_P: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        """Same-size depthwise KH x KW convolution + bias of one [BLOCK_P pixels, BLOCK_C channels] tile.
-        Grid: (cdiv(H * W, BLOCK_P), B, cdiv(C, BLOCK_C))."""
+        """Same-size depthwise KH x KW convolution + bias of one [BLOCK_P pixels, BLOCK_C channels] tile (pixels
+        of one image in row-major order). Grid: (cdiv(H * W, BLOCK_P), B, cdiv(C, BLOCK_C))."""
         pixels = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        image = tl.program_id(1).to(tl.int64) * H * W * C
         rows = pixels // W
         cols = pixels % W
         pixel_ok = pixels < H * W
         channel_ok = channels < C
+        channel_mask = channel_ok[None, :]
+        tile = tl.program_id(1).to(tl.int64) * H * W * C + pixels[:, None] * C + channels[None, :]
+        x_tile = x_ptr + tile
+        w_row = w_ptr + channels
         acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-        for kr in tl.static_range(KH):
-            for kc in tl.static_range(KW):
-                r = rows + (kr - KH // 2)
-                s = cols + (kc - KW // 2)
-                ok = pixel_ok & (r >= 0) & (r < H) & (s >= 0) & (s < W)
-                offsets = image + (r * W + s)[:, None] * C + channels[None, :]
-                v = tl.load(x_ptr + offsets, mask=ok[:, None] & channel_ok[None, :], other=0.0).to(tl.float32)
-                tap = tl.load(w_ptr + (kr * KW + kc) * C + channels, mask=channel_ok, other=0.0).to(tl.float32)
-                acc += v * tap[None, :]
+        for kr in tl.static_range(KH):  # input row offset kr - KH // 2
+            row_ok = pixel_ok
+            if kr < KH // 2:
+                row_ok = row_ok & (rows >= KH // 2 - kr)
+            if kr > KH // 2:
+                row_ok = row_ok & (rows < H - (kr - KH // 2))
+            for kc in tl.static_range(KW):  # input column offset kc - KW // 2
+                ok = row_ok
+                if kc < KW // 2:
+                    ok = ok & (cols >= KW // 2 - kc)
+                if kc > KW // 2:
+                    ok = ok & (cols < W - (kc - KW // 2))
+                v = tl.load(x_tile + ((kr - KH // 2) * W + (kc - KW // 2)) * C, mask=ok[:, None] & channel_mask, other=0.0)
+                tap = tl.load(w_row + (kr * KW + kc) * C, mask=channel_ok, other=0.0)
+                acc += v.to(tl.float32) * tap.to(tl.float32)[None, :]
         acc += tl.load(b_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32)[None, :]
-        offsets = image + pixels[:, None] * C + channels[None, :]
-        mask = pixel_ok[:, None] & channel_ok[None, :]
+        mask = pixel_ok[:, None] & channel_mask
         if EPILOGUE == 1:
             acc = _gelu(acc)
         if EPILOGUE == 2:
-            acc = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * _gelu_grad(acc)
-        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            acc = tl.load(g_ptr + tile, mask=mask, other=0.0).to(tl.float32) * _gelu_grad(acc)
+        tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def depthwise_backward(
@@ -460,81 +481,48 @@ def _define_kernels():
         BLOCK_P: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        """Backward of a same-size depthwise convolution y[o] = sum_k w[k] x[o + k - P] + b, for one tile of
-        input pixels i: gx[i] = sum_k w[k] g[i + P - k] and, with the same loads, the tile's share of
-        gw[k] = sum_i g[i + P - k] x[i] and gb = sum_i g[i]. Grid: (num_pixel_blocks, B, cdiv(C, BLOCK_C))."""
+        """Backward of a same-size depthwise convolution y[o] = sum_k w[k] x[o + k - P] + b for one tile of input
+        pixels i: gx[i] = sum_k w[k] g[i + P - k] and, from the same loads, the tile's share of
+        gw[k] = sum_i g[i + P - k] x[i] and of gb = sum_i g[i]. Grid: (num_pixel_blocks, B, cdiv(C, BLOCK_C))."""
         pid_p = tl.program_id(0)
         pid_b = tl.program_id(1)
         pixels = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        image = pid_b.to(tl.int64) * H * W * C
         rows = pixels // W
         cols = pixels % W
         pixel_ok = pixels < H * W
         channel_ok = channels < C
-        center = image + pixels[:, None] * C + channels[None, :]
-        mask = pixel_ok[:, None] & channel_ok[None, :]
-        x = tl.load(x_ptr + center, mask=mask, other=0.0).to(tl.float32)
+        channel_mask = channel_ok[None, :]
+        tile = pid_b.to(tl.int64) * H * W * C + pixels[:, None] * C + channels[None, :]
+        g_tile = g_ptr + tile
+        w_row = w_ptr + channels
+        mask = pixel_ok[:, None] & channel_mask
+        x = tl.load(x_ptr + tile, mask=mask, other=0.0).to(tl.float32)
         partial = pid_b.to(tl.int64) * num_pixel_blocks + pid_p
+        gw_row = gw_ptr + partial * (KH * KW) * C + channels
         gx = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-        for kr in tl.static_range(KH):
-            for kc in tl.static_range(KW):
-                r = rows + (KH // 2 - kr)
-                s = cols + (KW // 2 - kc)
-                ok = pixel_ok & (r >= 0) & (r < H) & (s >= 0) & (s < W)
-                offsets = image + (r * W + s)[:, None] * C + channels[None, :]
-                g = tl.load(g_ptr + offsets, mask=ok[:, None] & channel_ok[None, :], other=0.0).to(tl.float32)
-                tap = tl.load(w_ptr + (kr * KW + kc) * C + channels, mask=channel_ok, other=0.0).to(tl.float32)
-                gx += g * tap[None, :]
-                tl.store(
-                    gw_ptr + (partial * (KH * KW) + (kr * KW + kc)) * C + channels,
-                    tl.sum(g * x, axis=0),
-                    mask=channel_ok,
-                )
-                if kr == KH // 2:
-                    if kc == KW // 2:
-                        tl.store(gb_ptr + partial * C + channels, tl.sum(g, axis=0), mask=channel_ok)
+        for kr in tl.static_range(KH):  # output row offset KH // 2 - kr
+            row_ok = pixel_ok
+            if kr > KH // 2:
+                row_ok = row_ok & (rows >= kr - KH // 2)
+            if kr < KH // 2:
+                row_ok = row_ok & (rows < H - (KH // 2 - kr))
+            for kc in tl.static_range(KW):  # output column offset KW // 2 - kc
+                ok = row_ok
+                if kc > KW // 2:
+                    ok = ok & (cols >= kc - KW // 2)
+                if kc < KW // 2:
+                    ok = ok & (cols < W - (KW // 2 - kc))
+                g = tl.load(g_tile + ((KH // 2 - kr) * W + (KW // 2 - kc)) * C, mask=ok[:, None] & channel_mask, other=0.0)
+                g = g.to(tl.float32)
+                tap = tl.load(w_row + (kr * KW + kc) * C, mask=channel_ok, other=0.0)
+                gx += g * tap.to(tl.float32)[None, :]
+                tl.store(gw_row + (kr * KW + kc) * C, tl.sum(g * x, axis=0), mask=channel_ok)
+                if kr == KH // 2 and kc == KW // 2:
+                    tl.store(gb_ptr + partial * C + channels, tl.sum(g, axis=0), mask=channel_ok)
         if ACCUMULATE:
-            gx += tl.load(gx_ptr + center, mask=mask, other=0.0).to(tl.float32)
-        tl.store(gx_ptr + center, gx.to(gx_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _horizontal_strip(
-        a_ring, h_ring, slot_a, slot_h, row_ok, hw_ptr, hb_ptr, channels, channel_ok, C,
-        STRIP: tl.constexpr, S: tl.constexpr, SMAX: tl.constexpr, HALO: tl.constexpr,
-        BLOCK_W: tl.constexpr, BLOCK_WA: tl.constexpr, BLOCK_C: tl.constexpr, RING_H: tl.constexpr,
-    ):  # fmt: skip
-        """Horizontal strip STRIP (1 x S taps) of the `a` row in ring slot `slot_a`, for the program's BLOCK_W
-        columns, plus its bias; zero on rows outside the map (the vertical strip's padding). -> its ring slot."""
-        narrow = tl.arange(0, BLOCK_W)
-        lanes = tl.arange(0, BLOCK_C)
-        acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
-        for t in tl.static_range(S):
-            columns = narrow + (HALO + t - S // 2)
-            v = tl.load(a_ring + (slot_a * BLOCK_WA + columns)[:, None] * BLOCK_C + lanes[None, :]).to(tl.float32)
-            tap = tl.load(hw_ptr + (STRIP * SMAX + t) * C + channels, mask=channel_ok, other=0.0).to(tl.float32)
-            acc += v * tap[None, :]
-        acc += tl.load(hb_ptr + STRIP * C + channels, mask=channel_ok, other=0.0).to(tl.float32)[None, :]
-        acc = tl.where(row_ok, acc, 0.0)
-        ring = h_ring + (STRIP * RING_H + slot_h) * BLOCK_W * BLOCK_C
-        tl.store(ring + narrow[:, None] * BLOCK_C + lanes[None, :], acc.to(h_ring.dtype.element_ty))
-
-    @triton.jit
-    def _vertical_strip(
-        h_ring, step, vw_ptr, vb_ptr, channels, channel_ok, C,
-        STRIP: tl.constexpr, S: tl.constexpr, SMAX: tl.constexpr, HALO: tl.constexpr,
-        BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, RING_H: tl.constexpr,
-    ):  # fmt: skip
-        """Vertical strip STRIP (S x 1 taps) plus bias for the output row of row step `step`: taps over the
-        horizontal strip rows of steps step - HALO - S // 2 ... step - HALO + S // 2 in the ring."""
-        tile = tl.arange(0, BLOCK_W)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
-        acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
-        for t in tl.static_range(S):
-            slot = (step - HALO + t - S // 2 + 2 * RING_H) % RING_H
-            v = tl.load(h_ring + (STRIP * RING_H + slot) * BLOCK_W * BLOCK_C + tile).to(tl.float32)
-            tap = tl.load(vw_ptr + (STRIP * SMAX + t) * C + channels, mask=channel_ok, other=0.0).to(tl.float32)
-            acc += v * tap[None, :]
-        return acc + tl.load(vb_ptr + STRIP * C + channels, mask=channel_ok, other=0.0).to(tl.float32)[None, :]
+            gx += tl.load(gx_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+        tl.store(gx_ptr + tile, gx.to(gx_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def msca_forward(
@@ -565,13 +553,14 @@ def _define_kernels():
         RING_A: tl.constexpr,  # >= HALO + 2
         RING_H: tl.constexpr,  # >= 2 * HALO + 1
     ):
-        """Spatial MSCA, one [BLOCK_H rows, BLOCK_W cols, BLOCK_C channels] output tile per program, streaming down
-        BLOCK_H + 2 * HALO row steps (step t computes row r = i0 - HALO + t and outputs row r - HALO).
+        """Spatial MSCA for one [BLOCK_H rows, BLOCK_W cols, BLOCK_C channels] output tile per program, streaming
+        down BLOCK_H + 2 * HALO row steps: step t computes row r = i0 - HALO + t (its `a` over the tile's columns
+        +- HALO, then its horizontal strips) and outputs row r - HALO.
         Grid: (cdiv(H, BLOCK_H) * num_col_blocks, B, cdiv(C, BLOCK_C)).
 
-        Ring sizes: a row's `a` is read (shifted) in its own step and (centre) HALO steps later, while later
-        steps write their own slots with no barrier between the centre read and the next write: RING_A > HALO + 1.
-        A horizontal strip row is read up to 2 * HALO steps after it is written: RING_H > 2 * HALO."""
+        Ring sizes: a row's `a` is read (shifted) in its own step and (centre) HALO steps later, and the next
+        step writes its slot with no barrier after that centre read: RING_A > HALO + 1. A horizontal strip row is
+        read up to 2 * HALO steps after it is written: RING_H > 2 * HALO."""
         pid_tile = tl.program_id(0)
         pid_b = tl.program_id(1)
         pid_c = tl.program_id(2)
@@ -579,83 +568,123 @@ def _define_kernels():
         j0 = (pid_tile % num_col_blocks) * BLOCK_W
         channels = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         channel_ok = channels < C
+        channel_mask = channel_ok[None, :]
         lanes = tl.arange(0, BLOCK_C)
-        wide = tl.arange(0, BLOCK_WA)
-        cols_a = j0 - HALO + wide  # map columns of the `a` ring rows
-        col_a_ok = (cols_a >= 0) & (cols_a < W)
-        narrow = tl.arange(0, BLOCK_W)
-        cols = j0 + narrow
-        image = pid_b.to(tl.int64) * H * W * C
+        cols_a = j0 - HALO + tl.arange(0, BLOCK_WA)  # map columns of the `a` ring rows
+        cols = j0 + tl.arange(0, BLOCK_W)
+        ring_tile = tl.arange(0, BLOCK_W)[:, None] * BLOCK_C + lanes[None, :]  # a strip ring row, or a row's BLOCK_W columns
+        wide_tile = tl.arange(0, BLOCK_WA)[:, None] * BLOCK_C + lanes[None, :]  # an `a` ring row
         program = (pid_b.to(tl.int64) * tl.num_programs(2) + pid_c) * tl.num_programs(0) + pid_tile
         a_ring = scratch_ptr + program * (RING_A * BLOCK_WA * BLOCK_C + NS * RING_H * BLOCK_W * BLOCK_C)
-        h_ring = a_ring + RING_A * BLOCK_WA * BLOCK_C
-        local_bias = tl.load(lb_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32)
+        h_ring = a_ring + RING_A * BLOCK_WA * BLOCK_C + ring_tile  # strip s, slot q: + (s * RING_H + q) * BLOCK_W * BLOCK_C
+        x_tile = x_ptr + pid_b.to(tl.int64) * H * W * C + cols_a[:, None] * C + channels[None, :]
+        out_tile = out_ptr + pid_b.to(tl.int64) * H * W * C + cols[:, None] * C + channels[None, :]
+        out_mask = (cols < W)[:, None] & channel_mask
+        a_cols_ok = ((cols_a >= 0) & (cols_a < W))[:, None]
+        lw_row = lw_ptr + channels
+        hw_row = hw_ptr + channels
+        vw_row = vw_ptr + channels
+        local_bias = tl.load(lb_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32)[None, :]
         for step in range(BLOCK_H + 2 * HALO):
             r = i0 - HALO + step
             row_ok = (r >= 0) & (r < H)
-            # 1. a = local conv + bias on row r, columns j0 - HALO ..., zero outside the map
-            acc = tl.zeros([BLOCK_WA, BLOCK_C], dtype=tl.float32)
-            for kr in tl.static_range(K):
-                rr = r + (kr - K // 2)
-                rr_ok = (rr >= 0) & (rr < H)
+            # 1. a = local conv + bias on row r, columns j0 - HALO ..., zero outside the map -> its ring slot
+            a = tl.zeros([BLOCK_WA, BLOCK_C], dtype=tl.float32)
+            if row_ok:
+                x_row = x_tile + r * W * C
                 for kc in tl.static_range(K):
                     cc = cols_a + (kc - K // 2)
-                    ok = rr_ok & (cc >= 0) & (cc < W)
-                    offsets = image + (rr * W + cc)[:, None] * C + channels[None, :]
-                    v = tl.load(x_ptr + offsets, mask=ok[:, None] & channel_ok[None, :], other=0.0).to(tl.float32)
-                    tap = tl.load(lw_ptr + (kr * K + kc) * C + channels, mask=channel_ok, other=0.0).to(tl.float32)
-                    acc += v * tap[None, :]
-            a = tl.where(row_ok & col_a_ok[:, None], acc + local_bias[None, :], 0.0)
+                    col_mask = ((cc >= 0) & (cc < W))[:, None] & channel_mask
+                    for kr in tl.static_range(K):
+                        rr = r + (kr - K // 2)
+                        ok = tl.where((rr >= 0) & (rr < H), col_mask, False)
+                        v = tl.load(x_row + ((kr - K // 2) * W + (kc - K // 2)) * C, mask=ok, other=0.0)
+                        tap = tl.load(lw_row + (kr * K + kc) * C, mask=channel_ok, other=0.0)
+                        a += v.to(tl.float32) * tap.to(tl.float32)[None, :]
+                a = tl.where(a_cols_ok, a + local_bias, 0.0)
             slot_a = step % RING_A
-            tl.store(
-                a_ring + (slot_a * BLOCK_WA + wide)[:, None] * BLOCK_C + lanes[None, :], a.to(a_ring.dtype.element_ty)
-            )
+            tl.store(a_ring + slot_a * (BLOCK_WA * BLOCK_C) + wide_tile, a.to(a_ring.dtype.element_ty))
             tl.debug_barrier()
-            # 2. the horizontal strips of row r
-            slot_h = step % RING_H
-            _horizontal_strip(
-                a_ring, h_ring, slot_a, slot_h, row_ok, hw_ptr, hb_ptr, channels, channel_ok, C,
-                0, S0, SMAX, HALO, BLOCK_W, BLOCK_WA, BLOCK_C, RING_H,
-            )  # fmt: skip
-            if S1 > 0:
-                _horizontal_strip(
-                    a_ring, h_ring, slot_a, slot_h, row_ok, hw_ptr, hb_ptr, channels, channel_ok, C,
-                    1, S1, SMAX, HALO, BLOCK_W, BLOCK_WA, BLOCK_C, RING_H,
-                )  # fmt: skip
-            if S2 > 0:
-                _horizontal_strip(
-                    a_ring, h_ring, slot_a, slot_h, row_ok, hw_ptr, hb_ptr, channels, channel_ok, C,
-                    2, S2, SMAX, HALO, BLOCK_W, BLOCK_WA, BLOCK_C, RING_H,
-                )  # fmt: skip
-            tl.debug_barrier()
-            # 3. output row i = r - HALO: a + the vertical strips, once the rings hold its rows
-            if step >= 2 * HALO:
-                i = r - HALO
-                center = ((step - HALO) % RING_A) * BLOCK_WA + narrow + HALO
-                out = tl.load(a_ring + center[:, None] * BLOCK_C + lanes[None, :]).to(tl.float32)
-                out += _vertical_strip(
-                    h_ring, step, vw_ptr, vb_ptr, channels, channel_ok, C, 0, S0, SMAX, HALO, BLOCK_W, BLOCK_C, RING_H
-                )
+            # 2. the horizontal strips of row r (+ bias; zero outside the map: the vertical strips' padding),
+            # one load of `a` per column offset d = t - HALO shared by the strips that reach it -> their ring slots
+            h0 = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+            h1 = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+            h2 = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+            if row_ok:
+                a_row = a_ring + (slot_a * BLOCK_WA + HALO) * BLOCK_C + ring_tile  # `a` at the tile's own columns
+                for t in tl.static_range(2 * HALO + 1):
+                    v = tl.load(a_row + (t - HALO) * BLOCK_C).to(tl.float32)
+                    if t >= HALO - S0 // 2 and t <= HALO + S0 // 2:
+                        tap = tl.load(hw_row + (t - HALO + S0 // 2) * C, mask=channel_ok, other=0.0)
+                        h0 += v * tap.to(tl.float32)[None, :]
+                    if S1 > 0 and t >= HALO - S1 // 2 and t <= HALO + S1 // 2:
+                        tap = tl.load(hw_row + (SMAX + t - HALO + S1 // 2) * C, mask=channel_ok, other=0.0)
+                        h1 += v * tap.to(tl.float32)[None, :]
+                    if S2 > 0 and t >= HALO - S2 // 2 and t <= HALO + S2 // 2:
+                        tap = tl.load(hw_row + (2 * SMAX + t - HALO + S2 // 2) * C, mask=channel_ok, other=0.0)
+                        h2 += v * tap.to(tl.float32)[None, :]
+                h0 += tl.load(hb_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32)[None, :]
                 if S1 > 0:
-                    out += _vertical_strip(
-                        h_ring, step, vw_ptr, vb_ptr, channels, channel_ok, C, 1, S1, SMAX, HALO, BLOCK_W, BLOCK_C, RING_H
-                    )
+                    h1 += tl.load(hb_ptr + C + channels, mask=channel_ok, other=0.0).to(tl.float32)[None, :]
                 if S2 > 0:
-                    out += _vertical_strip(
-                        h_ring, step, vw_ptr, vb_ptr, channels, channel_ok, C, 2, S2, SMAX, HALO, BLOCK_W, BLOCK_C, RING_H
-                    )
-                ok = (i < H) & (cols < W)
-                offsets = image + (i * W + cols)[:, None] * C + channels[None, :]
-                tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=ok[:, None] & channel_ok[None, :])
+                    h2 += tl.load(hb_ptr + 2 * C + channels, mask=channel_ok, other=0.0).to(tl.float32)[None, :]
+            slot_h = h_ring + (step % RING_H) * (BLOCK_W * BLOCK_C)
+            tl.store(slot_h, h0.to(h_ring.dtype.element_ty))
+            if S1 > 0:
+                tl.store(slot_h + RING_H * (BLOCK_W * BLOCK_C), h1.to(h_ring.dtype.element_ty))
+            if S2 > 0:
+                tl.store(slot_h + 2 * RING_H * (BLOCK_W * BLOCK_C), h2.to(h_ring.dtype.element_ty))
+            tl.debug_barrier()
+            # 3. output row i = r - HALO: its `a` + the vertical strips (taps over the strip rows i + t - HALO,
+            # written at steps step - 2 * HALO + t), once the rings hold them all
+            i = r - HALO
+            if (step >= 2 * HALO) & (i < H):
+                out = tl.load(a_ring + (((step - HALO) % RING_A) * BLOCK_WA + HALO) * BLOCK_C + ring_tile)
+                out = out.to(tl.float32) + tl.load(vb_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32)[None, :]
+                for t in tl.static_range(2 * HALO + 1):
+                    slot = h_ring + ((step - 2 * HALO + t + 1) % RING_H) * (BLOCK_W * BLOCK_C)
+                    if t >= HALO - S0 // 2 and t <= HALO + S0 // 2:
+                        tap = tl.load(vw_row + (t - HALO + S0 // 2) * C, mask=channel_ok, other=0.0)
+                        out += tl.load(slot).to(tl.float32) * tap.to(tl.float32)[None, :]
+                    if S1 > 0 and t >= HALO - S1 // 2 and t <= HALO + S1 // 2:
+                        tap = tl.load(vw_row + (SMAX + t - HALO + S1 // 2) * C, mask=channel_ok, other=0.0)
+                        out += tl.load(slot + RING_H * (BLOCK_W * BLOCK_C)).to(tl.float32) * tap.to(tl.float32)[None, :]
+                    if S2 > 0 and t >= HALO - S2 // 2 and t <= HALO + S2 // 2:
+                        tap = tl.load(vw_row + (2 * SMAX + t - HALO + S2 // 2) * C, mask=channel_ok, other=0.0)
+                        out += tl.load(slot + 2 * RING_H * (BLOCK_W * BLOCK_C)).to(tl.float32) * tap.to(tl.float32)[None, :]
+                if S1 > 0:
+                    out += tl.load(vb_ptr + C + channels, mask=channel_ok, other=0.0).to(tl.float32)[None, :]
+                if S2 > 0:
+                    out += tl.load(vb_ptr + 2 * C + channels, mask=channel_ok, other=0.0).to(tl.float32)[None, :]
+                tl.store(out_tile + i * W * C, out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
     return {"depthwise_forward": depthwise_forward, "depthwise_backward": depthwise_backward, "msca_forward": msca_forward}
 
 
 def _launcher(kernel):
-    """`wrap_triton(kernel)` (traceable by torch.compile), or the kernel itself under the interpreter."""
+    """`wrap_triton(kernel)` (traceable by torch.compile), or under the interpreter the kernel itself, skipped
+    when the op is traced with fake or meta tensors (the interpreter would read their data)."""
     from triton.runtime.jit import JITFunction
 
-    return torch.library.wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
+    if isinstance(kernel, JITFunction):
+        return torch.library.wrap_triton(kernel)
+    return _InterpretedLauncher(kernel)
+
+
+class _InterpretedLauncher:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            from torch._subclasses.fake_tensor import FakeTensor
+
+            tensors = [value for value in args if isinstance(value, torch.Tensor)]
+            if any(isinstance(value, FakeTensor) or value.device.type == "meta" for value in tensors):
+                return
+            self.kernel[grid](*args, **kwargs)
+
+        return launch
 
 
 def _nhwc(tensor: torch.Tensor) -> torch.Tensor:
@@ -762,8 +791,17 @@ def load_triton_ops() -> None:
     global _OPS_LOADED
     if not _OPS_LOADED:
         triton_kernels()
-        _register_ops()
+        if not _registered("msca_spatial_backward"):  # else another copy of this module (remote code) did it
+            _register_ops()
         _OPS_LOADED = True
+
+
+def _registered(name: str) -> bool:
+    try:
+        getattr(torch.ops.metaseg, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
 
 
 def _register_ops() -> None:

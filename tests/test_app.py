@@ -7,6 +7,7 @@ What the page shows is checked against the library's `segment()` on the same mod
 Screenshots and the upload-to-overlay time go to `$METASEG_TEST_ARTIFACTS` (default tests/artifacts/).
 """
 
+import asyncio
 import importlib.util
 import json
 import os
@@ -82,7 +83,7 @@ class Oracle:
 
 class Server:
     def __init__(self, argv):
-        page, launch_kwargs = app.create_app(app.parse_args(argv))
+        page, launch_kwargs = app.create_app(app.parse_args([*argv, "--host", "127.0.0.1"]))
         assert launch_kwargs["server_name"] == "127.0.0.1" and launch_kwargs["share"] is False
         page.launch(**launch_kwargs, prevent_thread_lock=True, quiet=True)
         self.page, self.url = page, page.local_url.rstrip("/")
@@ -144,8 +145,7 @@ def browser():
     if not (chromium and chromedriver):
         pytest.skip("the browser test needs Debian's chromium and chromium-driver (apt-get install chromium "
                     "chromium-driver; .ci/run installs them)")
-    from selenium import webdriver
-
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the dev extra")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
@@ -179,8 +179,9 @@ def open_page(driver, server):
     WebDriverWait(driver, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#photo input[type=file]"))
 
 
-def page_result(driver, name: str, timeout: float = TIMEOUT) -> dict:
-    """Waits until the page shows the result for the photo `name`, and reads it."""
+def page_result(driver, name: str, previous: dict | None = None, timeout: float = TIMEOUT) -> dict:
+    """Waits until the page shows the result for the photo `name` (a new overlay if there was a `previous`
+    result), and reads it."""
     from selenium.webdriver.support.ui import WebDriverWait
 
     script = """
@@ -188,14 +189,17 @@ def page_result(driver, name: str, timeout: float = TIMEOUT) -> dict:
         const img = document.querySelector('#overlay img');
         const link = document.querySelector('#class-png a[download]');
         if (!status || !status.value.startsWith(arguments[0] + ':') || !img || !img.complete || !img.naturalWidth
-            || !link) return null;
-        return {status: status.value, overlay: [img.naturalWidth, img.naturalHeight], class_png: link.href,
+            || img.src === arguments[1] || !link) return null;
+        return {status: status.value, overlay: [img.naturalWidth, img.naturalHeight], overlay_src: img.src,
+                class_png: link.href,
                 class_png_name: link.getAttribute('download'),
                 legend: [...document.querySelectorAll('#legend tr[data-class-id]')].map(row => [
                     Number(row.dataset.classId), row.querySelector('.name').textContent,
                     row.querySelector('.share').textContent])};
     """
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: d.execute_script(script, name))
+    previous_src = previous["overlay_src"] if previous else None
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(
+        lambda d: d.execute_script(script, name, previous_src))
 
 
 def upload(driver, path):
@@ -255,7 +259,7 @@ def test_browser_segments_the_tiny_photo_and_an_example(browser, tiny_server, ti
     buttons = [b for b in browser.find_elements(By.CSS_SELECTOR, "button") if b.text.strip() == example.name]
     assert buttons, "the example photos are not on the page"
     buttons[0].click()
-    check_page_result(page_result(browser, example.name), tiny_server, tiny_oracle, example)
+    check_page_result(page_result(browser, example.name, previous=result), tiny_server, tiny_oracle, example)
     assert_only_loopback(requested_urls(browser), tiny_server)
 
 
@@ -281,7 +285,9 @@ def test_browser_shows_why_an_upload_is_refused(browser, tiny_server, tmp_path):
 
 
 def api_segment(client, photo, mode="whole", flip=False, multi_scale=False, opacity=0.5):
-    return client.predict(handle_file(str(photo)), mode, flip, multi_scale, opacity, api_name="/segment")
+    """The page's function through the API: (overlay path, legend HTML, class-id PNG path, status)."""
+    job = client.submit(handle_file(str(photo)), mode, flip, multi_scale, opacity, api_name="/segment")
+    return job.result(timeout=TIMEOUT)
 
 
 def legend_rows(legend: str) -> list:
@@ -297,8 +303,10 @@ def legend_rows(legend: str) -> list:
     [dict(mode="whole", opacity=0.5), dict(mode="slide", flip=True, multi_scale=True, opacity=0.3)],
     ids=["whole", "slide-flip-multiscale"],
 )
-def test_api_gives_the_library_segmentation_and_pictures(client, tiny_oracle, options):
-    overlay_path, legend, class_png, status = api_segment(client, TINY_PHOTO, **options)
+def test_api_gives_the_library_segmentation_and_pictures(client, tiny_oracle, tmp_path, options):
+    job = client.submit(handle_file(str(TINY_PHOTO)), options["mode"], options.get("flip", False),
+                        options.get("multi_scale", False), options["opacity"], api_name="/segment")
+    overlay_path, legend, class_png, status = job.result(timeout=TIMEOUT)
     kwargs = {"flip": options.get("flip", False), "scales": app.DEFAULT_SCALES if options.get("multi_scale") else (1.0,)}
     if options["mode"] == "slide":
         kwargs.update(mode="slide", **SLIDE)
@@ -310,6 +318,20 @@ def test_api_gives_the_library_segmentation_and_pictures(client, tiny_oracle, op
     np.testing.assert_array_equal(np.array(Image.open(overlay_path).convert("RGB")), np.array(expected_overlay))
     assert legend_rows(legend) == tiny_oracle.legend(segmentation)
     assert status.startswith(f"tiny-photo.png: 69x67 pixels, {options['mode']}")
+    if options["mode"] == "slide":  # the progress bar reaches the client (Gradio sends the latest every 10 ms)
+        demo = app.SegmentationDemo(tiny_oracle.model, tiny_oracle.processor, tmp_path)
+        total = demo.forward_passes(67, 69, "slide", True, app.DEFAULT_SCALES)
+        updates = [getattr(update, "progress_data", None) or [] for update in job_updates(job)]
+        bars = [(unit.length, unit.desc) for units in updates for unit in units]
+        assert (total, "slide inference on tiny-photo.png") in bars
+
+
+def job_updates(job) -> list:
+    """Every status update the client received for a finished job."""
+    async def collect():
+        return [update async for update in job]
+
+    return asyncio.run(collect())
 
 
 def header_only_png(path: Path, width: int, height: int) -> Path:

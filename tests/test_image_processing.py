@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from helpers import OFFICIAL_MEAN, OFFICIAL_STD, TINY_DIR, official_normalisation, sha256_of
-from metaseg_hf.image_processing_metaseg import MetaSegImageProcessor
+from metaseg_hf.image_processing_metaseg import LOGITS_STRIDE, MetaSegImageProcessor
 from metaseg_hf.presets import DATASETS, IMAGE_MEAN, IMAGE_STD, VARIANTS, variant_image_processor_kwargs
 from metaseg_hf.resize_opencv import opencv_linear_resize
 
@@ -376,7 +376,7 @@ def test_post_processing_of_a_padded_batch(processor):
     inputs = processor(images, return_processed_sizes=True)
     padded = tuple(inputs["pixel_values"].shape[-2:])
     generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 6, math.ceil(padded[0] / 8), math.ceil(padded[1] / 8), generator=generator)
+    logits = torch.randn(2, 6, math.ceil(padded[0] / LOGITS_STRIDE), math.ceil(padded[1] / LOGITS_STRIDE), generator=generator)
     targets = [(30, 40), (45, 35)]
     maps = processor.post_process_semantic_segmentation(SemanticSegmenterOutput(logits=logits), target_sizes=targets)
     for logit, processed, target, segmentation in zip(logits, inputs["processed_sizes"].tolist(), targets, maps):
@@ -428,7 +428,7 @@ def test_segmentation_scores_have_segformers_structure(processor):
 
     images = [random_rgb(30, 40, seed=9), random_rgb(45, 35, seed=10)]
     padded = tuple(processor(images)["pixel_values"].shape[-2:])
-    logits = torch.randn(2, 6, math.ceil(padded[0] / 8), math.ceil(padded[1] / 8), generator=torch.Generator().manual_seed(1))
+    logits = torch.randn(2, 6, math.ceil(padded[0] / LOGITS_STRIDE), math.ceil(padded[1] / LOGITS_STRIDE), generator=torch.Generator().manual_seed(1))
     outputs = SemanticSegmenterOutput(logits=logits)
     targets = [(30, 40), (45, 35)]
     maps = processor.post_process_semantic_segmentation(outputs, targets)

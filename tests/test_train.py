@@ -414,3 +414,29 @@ def test_backbone_checkpoint_and_preset_build_the_model(tmp_path, reference):
     assert all(torch.equal(loaded[key], value) for key, value in expected.items())
     with pytest.raises(ValueError, match="Unknown MetaSeg preset 'metaseg-x'"):
         build_model(id2label, config_name="metaseg-x")
+
+
+def test_a_single_cpu_process_uses_the_cores_under_accelerate_launch(monkeypatch):
+    """`accelerate launch` exports OMP_NUM_THREADS=1 by default; a lone CPU process then takes all cores,
+    while a thread count the user chose (or several processes) is kept."""
+    from types import SimpleNamespace
+
+    from metaseg_hf.training import set_cpu_threads
+
+    previous = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    single = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")  # what `accelerate launch` exports
+        torch.set_num_threads(1)
+        assert set_cpu_threads(single) == cores
+        torch.set_num_threads(1)
+        assert set_cpu_threads(SimpleNamespace(num_processes=2, device=torch.device("cpu"))) == 1
+        assert set_cpu_threads(single, num_threads=1) == 1
+        monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND")  # plain `python train.py` with the user's OMP_NUM_THREADS=1
+        assert set_cpu_threads(single) == 1
+        with pytest.raises(ValueError, match="num_threads must be at least 1, got 0"):
+            set_cpu_threads(single, num_threads=0)
+    finally:
+        torch.set_num_threads(previous)

@@ -1,0 +1,399 @@
+"""ONNX export of MetaSeg and inference with ONNX Runtime through the library's processor and post-processing.
+
+`export_onnx(model, output_dir, image_processor)` writes a self-describing folder:
+
+- `model.onnx`: one input `pixel_values` (float32, (batch, channels, height, width), batch, height and width
+  dynamic, each side at least `minimum_input_size(config)`: 57 for the official decoders) and one output
+  `logits` (float32, (batch, num_labels, ceil(height / 8), ceil(width / 8))), the stride-8 head output
+  before any resize, exactly what `MetaSegForSemanticSegmentation` returns;
+- `config.json` (architecture, `num_labels` / `id2label`, the official test mode and window) and
+  `preprocessor_config.json` (the image processor's settings).
+
+By default the graph is traced from the fused deploy path (`model.fuse()`, see `fusion_metaseg.py`): the
+BatchNorms and layer scales folded into the convolutions, fewer and cheaper operators. The export uses
+`torch.onnx.export(..., dynamo=True)` (torch.export + onnxscript); it is then checked: the file must keep
+batch, height and width symbolic, and ONNX Runtime's logits must match PyTorch's on two inputs of
+different batch size and shape. Nothing is left in `output_dir` when a step fails (an operator without an
+ONNX implementation, a fixed dimension, a mismatch): the error names what failed.
+
+`ORTMetaSegForSemanticSegmentation.from_pretrained(folder)` runs that file with ONNX Runtime and quacks like
+the PyTorch model where the library's inference needs it (`config`, a call returning `.logits`, `predict`),
+so `MetaSegImageProcessor.segment(ort_model, image)` and `inference_metaseg.predict` give the same class
+maps as PyTorch (whole and slide mode, flip and multi-scale TTA) without the torch network.
+
+onnx, onnxscript and onnxruntime are optional (`pip install "metaseg-hf[onnx]"`): they are imported when a
+function here needs them, never by `import metaseg_hf`.
+"""
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import SemanticSegmenterOutput
+
+from .configuration_metaseg import MetaSegConfig
+from .inference_metaseg import predict
+from .modeling_metaseg import check_pixel_values, minimum_input_size
+
+ONNX_FILE_NAME = "model.onnx"
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "logits"
+INSTALL_HINT = 'pip install "metaseg-hf[onnx]"'
+# Traced with this input (batch 2 and unequal sides, every pooled decoder map wider than one token, so that
+# no size is specialised to 0, 1 or to the other side); checked with it and with CHECK_SHAPE.
+EXAMPLE_SHAPE = (2, 128, 160)
+CHECK_SHAPE = (1, 97, 203)
+
+
+class ONNXExportError(RuntimeError):
+    """The model could not be exported to ONNX, or the exported file failed its check; nothing was written."""
+
+
+def require_onnx(*names: str) -> list:
+    """Imports the optional ONNX packages (`onnx`, `onnxscript`, `onnxruntime`) by name, or raises an
+    ImportError naming the missing one and the extra that installs them."""
+    import importlib
+
+    modules = []
+    for name in names:
+        try:
+            modules.append(importlib.import_module(name))
+        except ImportError as error:
+            raise ImportError(
+                f"{name} is needed for MetaSeg's ONNX export and ONNX Runtime inference but cannot be imported "
+                f"({error}). Install the optional dependencies with: {INSTALL_HINT}"
+            ) from error
+    return modules
+
+
+@dataclass
+class ONNXExportResult:
+    """What `export_onnx` wrote and measured.
+
+    path: the `model.onnx` file. opset: its default-domain opset. fused: whether the deploy path was traced.
+    max_abs_difference: the largest |ONNX Runtime logits - PyTorch logits| over the checked inputs (None when
+    the check was skipped). checked_shapes: the (B, C, H, W) inputs of the check. file_size: bytes.
+    """
+
+    path: Path
+    opset: int
+    fused: bool
+    file_size: int
+    max_abs_difference: float | None = None
+    checked_shapes: list = field(default_factory=list)
+
+
+class _LogitsOnly(nn.Module):
+    """The traced function: (B, C, H, W) pixel values -> (B, num_labels, ceil(H/8), ceil(W/8)) logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
+def _conversion_summary(error: BaseException) -> str:
+    """The useful part of a torch.onnx error: the operator that has no ONNX implementation when that is the
+    cause, else the exporter's exception summary (or the first line of the message)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    operators = sorted(set(re.findall(r"No ONNX function found for <OpOverload\(op='([^']+)'", text)))
+    if operators:
+        return f"no ONNX implementation of the operator(s) {', '.join(operators)}"
+    if "## Exception summary" in text:
+        summary = text.split("## Exception summary", 1)[1].split("(Refer to the full stack trace", 1)[0]
+        lines = [line.strip() for line in summary.splitlines() if line.strip() and line.strip() != "⬆️"]
+        return " <- ".join(lines)
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+def _trace_to_onnx(module: nn.Module, example: torch.Tensor, path: Path, opset: int | None, min_side: int):
+    """torch.onnx.export (dynamo) of `module` with dynamic batch, height and width, saved to `path` as one
+    file. Raises ONNXExportError naming the operator or step that failed."""
+    batch = torch.export.Dim("batch")
+    height = torch.export.Dim("height", min=min_side)
+    width = torch.export.Dim("width", min=min_side)
+    registration_logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration_logger.level
+    registration_logger.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms" x4
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                module.eval(),
+                (example,),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes={INPUT_NAME: {0: batch, 2: height, 3: width}},
+                opset_version=opset,
+                dynamo=True,
+                verbose=False,
+            )
+        program.save(path, external_data=False)
+    except Exception as error:
+        raise ONNXExportError(
+            f"Cannot export {type(module.model).__name__} to ONNX (opset {opset or 'default'}): "
+            f"{_conversion_summary(error)}. Nothing was written. If an operator is missing, try another --opset, "
+            "or export the straight port with fuse=False (--no-fuse) if only the fused path uses it."
+        ) from error
+    finally:
+        registration_logger.setLevel(level)
+
+
+def _check_dynamic_dims(path: Path) -> int:
+    """Raises ONNXExportError unless the file's input and output keep batch, height and width symbolic.
+    Returns the file's default-domain opset."""
+    (onnx,) = require_onnx("onnx")
+    model = onnx.load(str(path), load_external_data=False)
+    for value, kind in ((model.graph.input[0], "input"), (model.graph.output[0], "output")):
+        dims = value.type.tensor_type.shape.dim
+        fixed = {axis: dims[axis].dim_value for axis in (0, 2, 3) if not dims[axis].dim_param}
+        if fixed:
+            raise ONNXExportError(
+                f"The exported {kind} {value.name!r} has fixed sizes on axes {fixed} (axis: size) where batch, "
+                "height and width must stay dynamic: torch.export specialised them to the example input. Nothing "
+                "was written. This is a bug in the traced code path; export with fuse=False (--no-fuse) to "
+                "check whether the fused path causes it."
+            )
+    return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
+
+
+def _check_inputs(num_channels: int, device) -> list:
+    """Deterministic standard-normal pixel values of shapes EXAMPLE_SHAPE and CHECK_SHAPE (B, C, H, W)."""
+    generator = torch.Generator().manual_seed(0)
+    return [
+        torch.randn(batch, num_channels, height, width, generator=generator).to(device)
+        for batch, height, width in (EXAMPLE_SHAPE, CHECK_SHAPE)
+    ]
+
+
+def export_onnx(
+    model,
+    output_dir,
+    image_processor,
+    opset: int | None = None,
+    fuse: bool = True,
+    check: bool = True,
+    tolerance: float = 1e-3,
+    log=print,
+) -> ONNXExportResult:
+    """Exports a MetaSeg segmentation model to `output_dir/model.onnx`, with its config and processor settings.
+
+    model: a `MetaSegForSemanticSegmentation` in float32 (anything with `config` whose call returns
+    `.logits`; `fuse()` / `unfuse()` / `is_fused` when `fuse`). It is left as it was given (fused only for the
+    export). image_processor: saved next to the file (`preprocessor_config.json`). opset: the ONNX opset
+    (default: torch.onnx's). fuse: trace the fused deploy path (default) or the model as it is.
+    check: run ONNX Runtime on two inputs of different batch size and shape and compare its logits with the
+    model's as given (before fusing); fail when the largest difference exceeds `tolerance` times
+    max(1, largest |logit|). log: called with progress lines (the largest difference among them).
+    Raises ONNXExportError (nothing written) when the export or its check fails.
+    """
+    output_dir = Path(output_dir)
+    parameter = next(model.parameters())
+    if parameter.dtype != torch.float32:
+        raise ValueError(
+            f"export_onnx exports float32 models; this one is {parameter.dtype}. Call model.float() first (the "
+            "ONNX input and output are float32)."
+        )
+    config = model.config
+    min_side = minimum_input_size(config)
+    inputs = _check_inputs(config.num_channels, parameter.device)
+    was_training, was_fused = model.training, bool(getattr(model, "is_fused", False))
+    model.eval()
+    expected = None
+    if check:
+        with torch.no_grad():
+            expected = [model(pixel_values=pixel_values).logits.float().cpu() for pixel_values in inputs]
+    fused_here = fuse and not was_fused
+    created = not output_dir.exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".onnx-export-", dir=output_dir))
+    written = False
+    try:
+        if fused_here:
+            model.fuse()
+        log(f"exporting {type(model).__name__} ({'fused' if fuse or was_fused else 'straight port'}) to ONNX ...")
+        _trace_to_onnx(_LogitsOnly(model), inputs[0], staging / ONNX_FILE_NAME, opset, min_side)
+        if fused_here:
+            model.unfuse()
+            fused_here = False
+        opset_written = _check_dynamic_dims(staging / ONNX_FILE_NAME)
+        result = ONNXExportResult(
+            path=output_dir / ONNX_FILE_NAME,
+            opset=opset_written,
+            fused=fuse or was_fused,
+            file_size=(staging / ONNX_FILE_NAME).stat().st_size,
+        )
+        if check:
+            session = create_session(staging / ONNX_FILE_NAME, num_threads=None)
+            differences, scale = [], 1.0
+            for pixel_values, reference in zip(inputs, expected):
+                logits = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: pixel_values.cpu().numpy()})[0])
+                if logits.shape != reference.shape:
+                    raise ONNXExportError(
+                        f"ONNX Runtime returned logits of shape {tuple(logits.shape)} for input "
+                        f"{tuple(pixel_values.shape)}; PyTorch returns {tuple(reference.shape)}. Nothing was written."
+                    )
+                differences.append((logits - reference).abs().max().item())
+                scale = max(scale, reference.abs().max().item())
+                result.checked_shapes.append(tuple(pixel_values.shape))
+            result.max_abs_difference = max(differences)
+            shapes = ", ".join("x".join(map(str, shape)) for shape in result.checked_shapes)
+            log(f"ONNX Runtime vs PyTorch logits on inputs {shapes}: max abs difference {result.max_abs_difference:.3e}")
+            if not result.max_abs_difference <= tolerance * scale:
+                raise ONNXExportError(
+                    f"ONNX Runtime's logits differ from PyTorch's by up to {result.max_abs_difference:.3e} (inputs "
+                    f"{shapes}; allowed {tolerance:g} x max(1, largest |logit| = {scale:.3g})). Nothing was written. "
+                    "Export with fuse=False (--no-fuse) or another --opset to find the culprit."
+                )
+        # The settings only: save_pretrained would also copy the package's code files (for trust_remote_code),
+        # which an ONNX folder does not use.
+        config.to_json_file(staging / "config.json")
+        image_processor.to_json_file(staging / "preprocessor_config.json")
+        for path in staging.iterdir():
+            os.replace(path, output_dir / path.name)
+        written = True
+        log(f"wrote {result.path} ({result.file_size / 2**20:.1f} MiB, opset {result.opset}) with config.json and "
+            "preprocessor_config.json")
+        return result
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not written and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        if fused_here:
+            model.unfuse()
+        model.train(was_training)
+
+
+def create_session(path, num_threads: int | None = None, providers=None, optimization_level: str = "all",
+                   profile_prefix: str | None = None, spinning: bool = True):
+    """An `onnxruntime.InferenceSession` for `path`.
+
+    num_threads: intra-op threads (default: ONNX Runtime's, one per core). providers: execution providers
+    (default: CPU). optimization_level: "disabled", "basic", "extended", "layout" (where the installed ONNX
+    Runtime has it) or "all" (default, layout transforms included: blocked NCHWc convolutions on x86).
+    profile_prefix: write ONNX Runtime's per-operator profile (JSON) to files with this prefix
+    (`session.end_profiling()` returns the name). spinning: let idle worker threads spin (lower latency;
+    turn it off when the session shares the CPU with other work).
+    """
+    (ort,) = require_onnx("onnxruntime")
+    levels = {
+        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    if hasattr(ort.GraphOptimizationLevel, "ORT_ENABLE_LAYOUT"):
+        levels["layout"] = ort.GraphOptimizationLevel.ORT_ENABLE_LAYOUT
+    if optimization_level not in levels:
+        raise ValueError(f"optimization_level must be one of {sorted(levels)}, got {optimization_level!r}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = levels[optimization_level]
+    if num_threads is not None:
+        if num_threads < 1:
+            raise ValueError(f"num_threads must be at least 1, got {num_threads}")
+        options.intra_op_num_threads = num_threads
+        options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers or ["CPUExecutionProvider"])
+
+
+class ORTMetaSegForSemanticSegmentation:
+    """A MetaSeg segmentation model run by ONNX Runtime from an `export_onnx` folder.
+
+    Has what the library's inference uses of `MetaSegForSemanticSegmentation`: `config` (num_labels,
+    id2label, the official test mode and window), a call `model(pixel_values=...)` returning a
+    `SemanticSegmenterOutput` whose `logits` are a float32 CPU tensor (B, num_labels, ceil(H/8), ceil(W/8)),
+    and `predict(...)`; so `MetaSegImageProcessor.segment(ort_model, images)` works unchanged:
+
+        processor = MetaSegImageProcessor.from_pretrained("onnx_dir")
+        model = ORTMetaSegForSemanticSegmentation.from_pretrained("onnx_dir")
+        prediction = processor.segment(model, "photo.jpg")[0]   # .segmentation: (H, W) class ids
+    """
+
+    def __init__(self, session, config: MetaSegConfig, path: Path | None = None):
+        self.session, self.config, self.path = session, config, path
+        inputs, outputs = [value.name for value in session.get_inputs()], [value.name for value in session.get_outputs()]
+        if inputs != [INPUT_NAME] or OUTPUT_NAME not in outputs:
+            raise ValueError(
+                f"{path or 'The ONNX model'} has inputs {inputs} and outputs {outputs}; a MetaSeg export has the "
+                f"input {INPUT_NAME!r} and the output {OUTPUT_NAME!r}. Export it with examples/export_onnx.py."
+            )
+
+    @classmethod
+    def from_pretrained(cls, path, num_threads: int | None = None, providers=None, optimization_level: str = "all",
+                        **session_kwargs) -> "ORTMetaSegForSemanticSegmentation":
+        """Loads `path` (an `export_onnx` folder, or its `model.onnx`) and the `config.json` beside it.
+        The other arguments go to `create_session`."""
+        path = Path(path)
+        file = path / ONNX_FILE_NAME if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"No ONNX model at {file}. Export one with: python examples/export_onnx.py --model MODEL "
+                f"--output_dir {path if path.is_dir() else path.parent}"
+            )
+        config_file = file.parent / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"{file} has no config.json beside it (the labels and test mode come from there). Export the model "
+                "with examples/export_onnx.py, which writes both, or copy the model's config.json next to it."
+            )
+        config = MetaSegConfig.from_pretrained(file.parent)
+        session = create_session(file, num_threads, providers, optimization_level, **session_kwargs)
+        return cls(session, config, file)
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs are expected and logits returned: the CPU (ONNX Runtime takes numpy arrays)."""
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def parameters(self):
+        """One empty float32 CPU tensor: the device and dtype the session takes, for code written for torch
+        models that reads them from the first parameter (`inference_metaseg`)."""
+        yield torch.empty(0)
+
+    def eval(self) -> "ORTMetaSegForSemanticSegmentation":
+        return self
+
+    def __call__(self, pixel_values, labels=None, output_hidden_states=None, output_attentions=None,
+                 return_dict=None) -> SemanticSegmenterOutput:
+        """(B, C, H, W) float pixel values (torch tensor on any device, or numpy) -> `SemanticSegmenterOutput`
+        with `logits` (B, num_labels, ceil(H/8), ceil(W/8)), float32 on the CPU (`(logits,)` with
+        `return_dict=False`). The loss, hidden states and attention maps are not in the exported graph."""
+        asked = [name for name, value in (("labels", labels), ("output_hidden_states", output_hidden_states),
+                                          ("output_attentions", output_attentions)) if value not in (None, False)]
+        if asked:
+            raise TypeError(
+                f"The ONNX model returns logits only; {', '.join(asked)} need(s) the PyTorch model "
+                "(MetaSegForSemanticSegmentation)."
+            )
+        if not isinstance(pixel_values, torch.Tensor):
+            pixel_values = torch.as_tensor(pixel_values)
+        check_pixel_values(pixel_values, self.config, needs_decoder=True)
+        array = pixel_values.detach().to("cpu", torch.float32).contiguous().numpy()
+        logits = torch.from_numpy(self.session.run([OUTPUT_NAME], {INPUT_NAME: array})[0])
+        return (logits,) if return_dict is False else SemanticSegmenterOutput(logits=logits)
+
+    forward = __call__
+
+    def predict(self, pixel_values, original_sizes=None, **kwargs) -> list:
+        """As `MetaSegForSemanticSegmentation.predict`: `inference_metaseg.predict` with this model."""
+        return predict(self, pixel_values, original_sizes=original_sizes, **kwargs)
+
+    def __repr__(self) -> str:
+        providers = self.session.get_providers()
+        return f"{type(self).__name__}(path={str(self.path)!r}, num_labels={self.config.num_labels}, providers={providers})"
