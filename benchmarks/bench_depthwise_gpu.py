@@ -22,8 +22,8 @@ exercises the fused MSCA kernel's rings and barriers on the GPU. Any failed chec
         [--msca-blocks 0,0,0;32,32,16] [--mlp-blocks 0,0;128,32] [--compile]
 
 `--msca-blocks` / `--mlp-blocks` time the Triton ops once per block configuration (one row each; 0 keeps the
-default heuristic), for tuning. `--compile` also times `torch.compile`d forwards (slow to compile: minutes for the
-stencils). The table is printed and, with `$OUT` set, written to `$OUT/bench_depthwise_gpu.txt`. Without a CUDA
+default heuristic), for tuning. `--compile` also times `torch.compile(fullgraph=True)`d forwards (a graph break is an
+error; slow to compile: minutes for the stencils). The table is printed and, with `$OUT` set, written to `$OUT/bench_depthwise_gpu.txt`. Without a CUDA
 device the script stops at once.
 
     python benchmarks/bench_depthwise_gpu.py --aot-check [--stages ...]
@@ -95,7 +95,9 @@ def _blocks(count: int):
         except ValueError:
             configs = ()
         if not configs or any(len(config) != count or min(config) < 0 for config in configs):
-            raise argparse.ArgumentTypeError(f"expected ';'-separated groups of {count} non-negative integers, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected ';'-separated groups of {count} non-negative integers, got {text!r}"
+            )
         return configs
 
     return parse
@@ -266,9 +268,9 @@ def benchmark(args) -> tuple[list[str], list[str]]:
         f"# {torch.cuda.get_device_name(device)}, torch {torch.__version__}, batch {args.batch_size}, "
         f"{args.size}x{args.size} input, bf16, median of {args.repeat} (warm-up {args.warmup}), milliseconds; "
         "error: max |result - float32 library result| over the output and every gradient, relative to the largest "
-        "reference value",
+        "reference value; vs library: max |triton - library| (both bf16) over the output and every gradient",
         f"{'stage':>5} {'op':>4} {'map (B,C,H,W)':>20} {'implementation':>22} {'forward':>9} {'fwd+bwd':>9}"
-        f" {'compiled fwd':>12} {'error':>9}  speed-up vs library",
+        f" {'compiled fwd':>12} {'error':>9} {'vs library':>10}  speed-up vs library",
     ]
     print("\n".join(lines), flush=True)
     failures = []
@@ -286,21 +288,32 @@ def benchmark(args) -> tuple[list[str], list[str]]:
                 reference = forward_and_grads(op, x.float(), params32, "library", grad_output.float())
             finally:
                 torch.backends.cudnn.allow_tf32 = tf32
-            baseline, baseline_error = None, None
+            baseline, baseline_error, library_results = None, None, None
             for label, implementation, block_sizes in variants(args, op):
                 row = _time_implementation(args, op, x, params, implementation, grad_output, block_sizes)
                 output, grads = forward_and_grads(op, x, params, implementation, grad_output, block_sizes)
-                pairs = zip([output, *grads], [reference[0], *reference[1]])
-                error = max(relative_difference(got, want)[1] for got, want in pairs)
-                del output, grads
+                results = [output, *grads]
+                error = max(
+                    relative_difference(got, want)[1] for got, want in zip(results, [reference[0], *reference[1]])
+                )
+                versus = ""
+                if implementation == "triton" and library_results is not None:
+                    versus = (
+                        f"{max(relative_difference(got, want)[0] for got, want in zip(results, library_results)):.3g}"
+                    )
                 check = f"{error:.2e}"
                 if implementation == "library":
-                    baseline, baseline_error = row, error
-                elif implementation == "triton" and baseline_error is not None and not error <= max(2 * baseline_error, 1e-2):
+                    baseline, baseline_error, library_results = row, error, results
+                elif (
+                    implementation == "triton"
+                    and baseline_error is not None
+                    and not error <= max(2 * baseline_error, 1e-2)
+                ):
                     check += " FAIL"
                     failures.append(
                         f"stage {stage} {op} {label}: error {error:.2e} vs the library's {baseline_error:.2e} (bf16)"
                     )
+                del output, grads, results
                 speedup = ""
                 if baseline is not None and implementation != "library":
                     for key, name in (("forward", "fwd"), ("backward", "fwd+bwd")):
@@ -308,11 +321,11 @@ def benchmark(args) -> tuple[list[str], list[str]]:
                             speedup += f" x{baseline[key] / row[key]:.2f} {name}"
                 line = (
                     f"{stage:>5} {op:>4} {str(shape):>20} {label:>22} {_ms(row['forward']):>9}"
-                    f" {_ms(row['backward']):>9} {_ms(row['compiled']):>12} {check:>9} {speedup}"
+                    f" {_ms(row['backward']):>9} {_ms(row['compiled']):>12} {check:>9} {versus:>10} {speedup}"
                 )
                 print(line, flush=True)
                 lines.append(line)
-            del reference, x, grad_output, params, params32
+            del reference, library_results, x, grad_output, params, params32
             torch.cuda.empty_cache()
     return lines, failures
 
@@ -342,7 +355,8 @@ def _time_implementation(args, op, x, params, implementation, grad_output, block
 
         row["backward"] = time_cuda(forward_backward, args.warmup, args.repeat)
     if args.compile:
-        compiled = torch.compile(lambda tensor: run_op(op, tensor, params, implementation, block_sizes))
+        # fullgraph: a graph break (e.g. around the Triton ops) is an error
+        compiled = torch.compile(lambda tensor: run_op(op, tensor, params, implementation, block_sizes), fullgraph=True)
         with torch.no_grad():
             started = time.perf_counter()
             compiled(x)
@@ -416,7 +430,9 @@ def aot_check(args) -> int:
     total = time.perf_counter()
     for (name, _, _), (kernel, signature, constants, options) in sorted(launches.items(), key=lambda item: item[0][0]):
         started = time.perf_counter()
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), target=target, options=options)
+        compiled = triton.compile(
+            ASTSource(fn=kernel, signature=signature, constexprs=constants), target=target, options=options
+        )
         ptx = compiled.asm["ptx"]
         print(
             f"{name:>20} {time.perf_counter() - started:6.1f} s  cubin {len(compiled.asm['cubin']):>7} B  "

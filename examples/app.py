@@ -44,7 +44,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
 import metaseg_hf  # noqa: F401  (registers MetaSeg with the Auto classes)
-from metaseg_hf.inference_metaseg import segment, window_starts
+from metaseg_hf.inference_metaseg import WINDOW_BATCH_SIZE, segment, window_starts
 from metaseg_hf.synthetic import save_example_image
 from metaseg_hf.visualization import class_fractions, class_map_image, class_palette, overlay_image
 
@@ -134,7 +134,7 @@ class SegmentationDemo:
     the opacity slider, in the person's own session state)."""
 
     def __init__(self, model, processor, work_dir, scales=DEFAULT_SCALES, window_size=None, window_stride=None,
-                 window_batch_size=4, max_pixels=DEFAULT_MAX_PIXELS):
+                 window_batch_size=WINDOW_BATCH_SIZE, max_pixels=DEFAULT_MAX_PIXELS):
         self.model, self.processor, self.work_dir = model.eval(), processor, Path(work_dir)
         self.palette = class_palette(model.config)
         self.scales, self.window_batch_size, self.max_pixels = tuple(scales), window_batch_size, max_pixels

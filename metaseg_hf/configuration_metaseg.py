@@ -3,6 +3,8 @@
 from transformers.backbone_utils import BackboneConfigMixin
 from transformers.configuration_utils import PretrainedConfig
 
+from .image_io import IGNORE_INDEX
+from .ops_metaseg import IMPLEMENTATIONS
 from .presets import VARIANTS, variant_config_kwargs
 
 INFERENCE_MODES = ("whole", "slide")
@@ -59,6 +61,11 @@ class MetaSegConfig(BackboneConfigMixin, PretrainedConfig):
         sliding_window_size (`int`, *optional*): window side in `"slide"` mode.
         sliding_window_stride (`int`, *optional*): window stride in `"slide"` mode.
         palette (`list[list[int]]`, *optional*): an RGB colour per class, for drawing segmentations.
+        depthwise_implementation (`str`, defaults to `"auto"`): how the encoder's depthwise convolutions
+            run (`metaseg_hf.ops_metaseg`): `"library"` (`F.conv2d`), `"stencil"` (shifted-slice sums that
+            Inductor fuses), `"triton"` (the Triton kernels, CUDA only, not yet measured on a GPU), or
+            `"auto"`: the stencil while `torch.compile` traces GPU inference, the library everywhere else.
+            Same weights and results whichever is chosen; can be changed on a loaded model's config.
         out_features / out_indices: stages returned by `MetaSegBackbone` (`"stage1"` ... `"stage4"`).
 
     Example:
@@ -94,12 +101,13 @@ class MetaSegConfig(BackboneConfigMixin, PretrainedConfig):
         layer_norm_eps=1e-5,
         batch_norm_eps=1e-5,
         initializer_range=0.02,
-        semantic_loss_ignore_index=255,
+        semantic_loss_ignore_index=IGNORE_INDEX,
         semantic_loss_average="valid_pixels",
         inference_mode="whole",
         sliding_window_size=None,
         sliding_window_stride=None,
         palette=None,
+        depthwise_implementation="auto",
         out_features=None,
         out_indices=None,
         **kwargs,
@@ -129,6 +137,7 @@ class MetaSegConfig(BackboneConfigMixin, PretrainedConfig):
         self.sliding_window_size = sliding_window_size
         self.sliding_window_stride = sliding_window_stride
         self.palette = [list(colour) for colour in palette] if palette is not None else None
+        self.depthwise_implementation = depthwise_implementation
         self._validate()
         self.num_stages = len(self.depths)
         self.stage_names = [f"stage{index}" for index in range(1, self.num_stages + 1)]
@@ -197,6 +206,10 @@ class MetaSegConfig(BackboneConfigMixin, PretrainedConfig):
                 errors.append(f"{name} = {value}: must be in [0, 1)")
         if self.semantic_loss_average not in LOSS_AVERAGES:
             errors.append(f"semantic_loss_average = {self.semantic_loss_average!r}: must be one of {LOSS_AVERAGES}")
+        if self.depthwise_implementation not in IMPLEMENTATIONS:
+            errors.append(
+                f"depthwise_implementation = {self.depthwise_implementation!r}: must be one of {IMPLEMENTATIONS}"
+            )
         if self.inference_mode not in INFERENCE_MODES:
             errors.append(f"inference_mode = {self.inference_mode!r}: must be one of {INFERENCE_MODES}")
         elif self.inference_mode == "slide" and (self.sliding_window_size is None or self.sliding_window_stride is None):

@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .ops_metaseg import depthwise_conv2d, msca_spatial
+
 
 def _batch_norm_affine(batch_norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode BatchNorm as `scale * x + shift`, both (C,), in float64."""
@@ -70,54 +72,6 @@ def _preferred_layout(hidden_states: torch.Tensor) -> torch.Tensor:
     if hidden_states.device.type != "cpu" or hidden_states.dtype == torch.float64:
         return hidden_states.contiguous()
     return hidden_states.contiguous(memory_format=torch.channels_last)
-
-
-# Compiled for GPU inference (`torch.compile` with autograd off: `no_grad` / `inference_mode`), depthwise
-# convolutions (the straight port's as well as the fused path's) are written as sums of shifted slices,
-# which Inductor fuses into one element-wise kernel per convolution and with its neighbours, instead of
-# calling PyTorch's generic depthwise kernels (slow for the 1xk / kx1 strips: 2/3 of the GPU time of an
-# eager MetaSeg-T). Measured on an H200, bf16, MetaSeg-T fused + compiled at batch 64: 1155 -> 1572
-# images/s (compilation 28 s -> 128 s). Not for training: compiling the forward and backward of
-# MetaSeg-T's stencils had not finished after 410 s on the same machine. Eager calls, CPUs and float64
-# always use `F.conv2d`. Set to False to compile inference with the library kernels.
-STENCIL_DEPTHWISE_WHEN_COMPILED = True
-
-
-def depthwise_conv(
-    hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding
-) -> torch.Tensor:
-    """Depthwise convolution (weight (C, 1, kh, kw), stride 1, zero padding (ph, pw)): `F.conv2d`, or
-    its shifted-slice form when compiled for GPU inference (`STENCIL_DEPTHWISE_WHEN_COMPILED`)."""
-    if _compiles_stencil(hidden_states):
-        return stencil_depthwise_conv(hidden_states, weight, bias, padding)
-    return F.conv2d(hidden_states, weight, bias, padding=padding, groups=weight.shape[0])
-
-
-def _compiles_stencil(hidden_states: torch.Tensor) -> bool:
-    return (
-        STENCIL_DEPTHWISE_WHEN_COMPILED
-        and torch.compiler.is_compiling()
-        and not hidden_states.is_cpu
-        and not torch.is_grad_enabled()
-    )
-
-
-def stencil_depthwise_conv(hidden_states, weight, bias, padding):
-    """The same depthwise convolution as a sum of kh * kw shifted, per-channel scaled slices, computed
-    in the input's dtype (under autocast that input is already an autocast convolution's output)."""
-    (kernel_height, kernel_width), (pad_height, pad_width) = weight.shape[-2:], padding
-    height = hidden_states.shape[-2] + 2 * pad_height - kernel_height + 1
-    width = hidden_states.shape[-1] + 2 * pad_width - kernel_width + 1
-    padded = F.pad(hidden_states, (pad_width, pad_width, pad_height, pad_height))
-    taps = weight[:, 0].to(hidden_states.dtype).permute(1, 2, 0)[..., None, None]  # (kh, kw, C, 1, 1)
-    output = None
-    if bias is not None:
-        output = bias.to(hidden_states.dtype)[:, None, None].expand(hidden_states.shape[1], height, width)
-    for row in range(kernel_height):
-        for column in range(kernel_width):
-            term = padded[:, :, row : row + height, column : column + width] * taps[row, column]
-            output = term if output is None else output + term
-    return output
 
 
 def _on_map(activation: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -208,16 +162,15 @@ class FusedMscanBlock(_FusedModule):
         weight, bias = _matrix(attention.proj_in)
         self._store("proj_in_weight", _as_1x1(weight * scale_1))
         self._store("proj_in_bias", bias + weight @ shift_1)
+        self.config = msca.config  # depthwise_implementation, read at each call as in the straight port
         self._store("local_weight", msca.local_conv.weight.double())
         self._store("local_bias", msca.local_conv.bias.double())
-        self.local_padding = msca.local_conv.padding
-        self.strip_paddings = []
+        self.num_strips = len(msca.horizontal_strips)
         for index, (horizontal, vertical) in enumerate(zip(msca.horizontal_strips, msca.vertical_strips)):
             self._store(f"horizontal_{index}_weight", horizontal.weight.double())
             self._store(f"horizontal_{index}_bias", horizontal.bias.double())
             self._store(f"vertical_{index}_weight", vertical.weight.double())
             self._store(f"vertical_{index}_bias", vertical.bias.double())
-            self.strip_paddings.append((horizontal.padding, vertical.padding))
         weight, bias = _matrix(msca.channel_mixer)
         self._store("mixer_weight", _as_1x1(weight))
         self._store("mixer_bias", bias)
@@ -243,22 +196,17 @@ class FusedMscanBlock(_FusedModule):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         gate = _on_map(self.attention_activation, _pointwise_conv(hidden_states, self.proj_in_weight, self.proj_in_bias))
-        attention = depthwise_conv(gate, self.local_weight, self.local_bias, self.local_padding)
-        multi_scale = attention
-        for index, (horizontal_padding, vertical_padding) in enumerate(self.strip_paddings):
-            strip = depthwise_conv(
-                attention,
-                getattr(self, f"horizontal_{index}_weight"),
-                getattr(self, f"horizontal_{index}_bias"),
-                horizontal_padding,
-            )
-            strip = depthwise_conv(
-                strip,
-                getattr(self, f"vertical_{index}_weight"),
-                getattr(self, f"vertical_{index}_bias"),
-                vertical_padding,
-            )
-            multi_scale = multi_scale + strip if index == 0 else multi_scale.add_(strip)
+        strips = range(self.num_strips)
+        multi_scale = msca_spatial(
+            gate,
+            self.local_weight,
+            self.local_bias,
+            [getattr(self, f"horizontal_{index}_weight") for index in strips],
+            [getattr(self, f"horizontal_{index}_bias") for index in strips],
+            [getattr(self, f"vertical_{index}_weight") for index in strips],
+            [getattr(self, f"vertical_{index}_bias") for index in strips],
+            self.config.depthwise_implementation,
+        )
         attended = _pointwise_conv(multi_scale, self.mixer_weight, self.mixer_bias).mul_(gate)
         attended = _pointwise_conv(attended, self.proj_out_weight, self.proj_out_bias)
         if hidden_states.dtype in (torch.float32, torch.float64):
@@ -269,8 +217,12 @@ class FusedMscanBlock(_FusedModule):
         transformed = None
         for start, stop in _channel_chunks(hidden_states, self.fc1_weight.shape[0]):
             part = _pointwise_conv(hidden_states, self.fc1_weight[start:stop], self.fc1_bias[start:stop])
-            part = depthwise_conv(
-                part, self.depthwise_weight[start:stop], self.depthwise_bias[start:stop], self.depthwise_padding
+            part = depthwise_conv2d(
+                part,
+                self.depthwise_weight[start:stop],
+                self.depthwise_bias[start:stop],
+                self.depthwise_padding,
+                self.config.depthwise_implementation,
             )
             part = _on_map(self.mlp_activation, part)
             if transformed is None:

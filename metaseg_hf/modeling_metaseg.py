@@ -24,8 +24,9 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_metaseg import MetaSegConfig
-from .fusion_metaseg import FusedDecodeHead, FusedMscanStage, depthwise_conv
+from .fusion_metaseg import FusedDecodeHead, FusedMscanStage
 from .inference_metaseg import SegmentationPrediction, predict
+from .ops_metaseg import depthwise_conv2d, depthwise_conv2d_gelu, msca_spatial
 
 
 def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
@@ -92,14 +93,17 @@ class MetaSegOverlapPatchEmbeddings(nn.Module):
 
 class MetaSegDepthwiseConv(nn.Conv2d):
     """Depthwise convolution (one filter per channel, stride 1): `nn.Conv2d` with `groups = channels`,
-    the same parameters and results. Compiled for GPU inference it becomes a sum of shifted slices that
-    Inductor fuses (`fusion_metaseg.depthwise_conv`). (B, C, H, W) -> (B, C, H, W)."""
+    the same parameters and results, run by `ops_metaseg.depthwise_conv2d` as
+    `config.depthwise_implementation` says (read at each call). (B, C, H, W) -> (B, C, H, W)."""
 
-    def __init__(self, channels: int, kernel_size, padding):
+    def __init__(self, config: MetaSegConfig, channels: int, kernel_size, padding):
         super().__init__(channels, channels, kernel_size, padding=padding, groups=channels)
+        self.config = config
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return depthwise_conv(hidden_states, self.weight, self.bias, self.padding)
+        return depthwise_conv2d(
+            hidden_states, self.weight, self.bias, self.padding, self.config.depthwise_implementation
+        )
 
 
 class MetaSegMultiScaleConvAttention(nn.Module):
@@ -112,21 +116,31 @@ class MetaSegMultiScaleConvAttention(nn.Module):
 
     def __init__(self, config: MetaSegConfig, channels: int):
         super().__init__()
+        self.config = config
         kernel = config.attention_kernel_size
-        self.local_conv = MetaSegDepthwiseConv(channels, kernel, padding=kernel // 2)
+        self.local_conv = MetaSegDepthwiseConv(config, channels, kernel, padding=kernel // 2)
         self.horizontal_strips = nn.ModuleList(
-            MetaSegDepthwiseConv(channels, (1, size), padding=(0, size // 2)) for size in config.attention_strip_sizes
+            MetaSegDepthwiseConv(config, channels, (1, size), padding=(0, size // 2))
+            for size in config.attention_strip_sizes
         )
         self.vertical_strips = nn.ModuleList(
-            MetaSegDepthwiseConv(channels, (size, 1), padding=(size // 2, 0)) for size in config.attention_strip_sizes
+            MetaSegDepthwiseConv(config, channels, (size, 1), padding=(size // 2, 0))
+            for size in config.attention_strip_sizes
         )
         self.channel_mixer = nn.Conv2d(channels, channels, 1)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        attention = self.local_conv(hidden_states)
-        multi_scale = attention
-        for horizontal, vertical in zip(self.horizontal_strips, self.vertical_strips):
-            multi_scale = multi_scale + vertical(horizontal(attention))
+        # The local conv and strip pairs summed: one fused kernel with `depthwise_implementation="triton"`.
+        multi_scale = msca_spatial(
+            hidden_states,
+            self.local_conv.weight,
+            self.local_conv.bias,
+            [strip.weight for strip in self.horizontal_strips],
+            [strip.bias for strip in self.horizontal_strips],
+            [strip.weight for strip in self.vertical_strips],
+            [strip.bias for strip in self.vertical_strips],
+            self.config.depthwise_implementation,
+        )
         return self.channel_mixer(multi_scale) * hidden_states
 
 
@@ -154,13 +168,21 @@ class MetaSegConvMlp(nn.Module):
 
     def __init__(self, config: MetaSegConfig, channels: int, hidden_channels: int):
         super().__init__()
+        self.config = config
         self.fc1 = nn.Conv2d(channels, hidden_channels, 1)
-        self.depthwise_conv = MetaSegDepthwiseConv(hidden_channels, 3, padding=1)
+        self.depthwise_conv = MetaSegDepthwiseConv(config, hidden_channels, 3, padding=1)
         self.activation = ACT2FN[config.hidden_act]
         self.fc2 = nn.Conv2d(hidden_channels, channels, 1)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.activation(self.depthwise_conv(self.fc1(hidden_states)))
+        hidden_states = self.fc1(hidden_states)
+        if self.config.hidden_act == "gelu":  # exact GELU, fused into the convolution's kernel where there is one
+            conv = self.depthwise_conv
+            hidden_states = depthwise_conv2d_gelu(
+                hidden_states, conv.weight, conv.bias, conv.padding, self.config.depthwise_implementation
+            )
+        else:
+            hidden_states = self.activation(self.depthwise_conv(hidden_states))
         return self.fc2(hidden_states)
 
 

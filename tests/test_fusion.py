@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import ATTENTION_KEYS, STAGE_KEYS, run_reference_batch, tiny_config
-from metaseg_hf import MetaSegBackbone, MetaSegForSemanticSegmentation, fusion_metaseg
+from metaseg_hf import MetaSegBackbone, MetaSegForSemanticSegmentation, fusion_metaseg, ops_metaseg
 
 
 @pytest.fixture(scope="module")
@@ -186,40 +186,44 @@ def test_stencil_depthwise_convolution_equals_the_convolution(kernel, padding):
     hidden_states = torch.randn(2, 6, 13, 30, dtype=torch.float64)
     weight, bias = torch.randn(6, 1, *kernel, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     expected = torch.nn.functional.conv2d(hidden_states, weight, bias, padding=padding, groups=6)
-    got = fusion_metaseg.stencil_depthwise_conv(hidden_states, weight, bias, padding)
+    got = ops_metaseg.stencil_depthwise_conv(hidden_states, weight, bias, padding)
     assert (got - expected).abs().max().item() <= 1e-12
-    no_bias = fusion_metaseg.stencil_depthwise_conv(hidden_states, weight, None, padding)
+    no_bias = ops_metaseg.stencil_depthwise_conv(hidden_states, weight, None, padding)
     assert (no_bias + bias[:, None, None] - expected).abs().max().item() <= 1e-12
 
 
-def test_depthwise_convolutions_are_stencils_only_when_compiled_for_gpu_inference(monkeypatch):
+def test_auto_depthwise_convolutions_are_stencils_only_when_compiled_for_gpu_inference(monkeypatch):
     cpu, gpu_like = torch.empty(1, 4, 8, 8), torch.empty(1, 4, 8, 8, device="meta")
     with torch.no_grad():
-        assert not fusion_metaseg._compiles_stencil(gpu_like)  # eager
+        assert ops_metaseg.resolve_auto(gpu_like) == "library"  # eager
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        assert fusion_metaseg._compiles_stencil(gpu_like)
-        assert not fusion_metaseg._compiles_stencil(cpu)  # oneDNN's kernels are the fast ones there
-        monkeypatch.setattr(fusion_metaseg, "STENCIL_DEPTHWISE_WHEN_COMPILED", False)
-        assert not fusion_metaseg._compiles_stencil(gpu_like)
-    monkeypatch.setattr(fusion_metaseg, "STENCIL_DEPTHWISE_WHEN_COMPILED", True)
-    assert not fusion_metaseg._compiles_stencil(gpu_like)  # autograd on: training compiles library kernels
+        assert ops_metaseg.resolve_auto(gpu_like) == "stencil"
+        assert ops_metaseg.resolve_auto(cpu) == "library"  # oneDNN's kernels are the fast ones there
+        assert ops_metaseg.resolve_auto(gpu_like.double()) == "library"
+    assert ops_metaseg.resolve_auto(gpu_like) == "library"  # autograd on: training compiles library kernels
 
 
-@pytest.fixture
-def stencil_on_cpu(monkeypatch):
-    """The GPU-compiled form of every depthwise convolution, exercised on CPU."""
-    monkeypatch.setattr(fusion_metaseg, "_compiles_stencil", lambda hidden_states: torch.compiler.is_compiling())
+def test_depthwise_implementation_is_a_validated_config_field():
+    with pytest.raises(ValueError, match=r"depthwise_implementation = 'cudnn': must be one of \('library', 'stencil'"):
+        tiny_config(depthwise_implementation="cudnn")
+    model = randomised_model(tiny_config())
+    pixel_values = torch.randn(1, 3, 64, 96)
+    expected = all_outputs(model, pixel_values)
+    model.config.depthwise_implementation = "stencil"  # read at each call, by the port and the fused twins
+    for outputs in (all_outputs(model, pixel_values), all_outputs(model.fuse(), pixel_values)):
+        assert all(torch.allclose(got, want, rtol=1e-4, atol=1e-4) for got, want in zip(outputs, expected))
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["port", "fused"])
-def test_stencil_model_traces_whole_and_matches(stencil_on_cpu, fused):
-    model = randomised_model(tiny_config(attention_kernel_size=3, attention_strip_sizes=[3, 7]))
+def test_stencil_model_traces_whole_and_matches(fused):
+    config = tiny_config(attention_kernel_size=3, attention_strip_sizes=[3, 7], depthwise_implementation="stencil")
+    model = randomised_model(config)
     pixel_values = torch.randn(1, 3, 128, 160)
     expected = all_outputs(model, pixel_values)[0]
     counted = []
-    original = fusion_metaseg.stencil_depthwise_conv
+    original = ops_metaseg.stencil_depthwise_conv
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fusion_metaseg, "stencil_depthwise_conv", lambda *a: counted.append(1) or original(*a))
+        patch.setattr(ops_metaseg, "stencil_depthwise_conv", lambda *a: counted.append(1) or original(*a))
         compiled = torch.compile(model.fuse() if fused else model, backend="eager", fullgraph=True)
         with torch.no_grad():
             logits = compiled(pixel_values).logits

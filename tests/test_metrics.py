@@ -200,7 +200,7 @@ def test_metric_is_equal_across_one_and_two_processes(tmp_path, num_processes):
     maps = [(rng.integers(0, 6, (31, 17)), rng.integers(0, 6, (31, 17))) for _ in range(9)]
     for _, label in maps:
         label[rng.random(label.shape) < 0.25] = 255
-    expected = results_to_json(reference_mean_iou([p for p, _ in maps], [l for _, l in maps], 6))
+    expected = results_to_json(reference_mean_iou([p for p, _ in maps], [label for _, label in maps], 6))
     for path in ("accelerate", "torch"):
         for key in ("mean_iou", "mean_accuracy", "overall_accuracy"):
             assert results[path][key] == pytest.approx(expected[key], rel=1e-12)
