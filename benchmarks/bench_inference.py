@@ -16,8 +16,9 @@ Variants: `port` is what `from_pretrained` gives (NCHW, the official computation
 `--compile`) is `common.Compiled(fused)`: `torch.compile(fullgraph=True)`, static height and width with
 a dynamic batch unless `--compile-dynamic-hw` (Inductor in torch 2.13 cannot lower the whole network
 with symbolic height and width; Dynamo traces it without graph breaks either way). Compiled for a GPU,
-the depthwise convolutions are shifted-slice sums that Inductor fuses
-(`fusion_metaseg.STENCIL_DEPTHWISE_WHEN_COMPILED`); `--no-stencil` compiles them as library calls.
+the depthwise convolutions are shifted-slice sums that Inductor fuses (`config.depthwise_implementation`
+"auto"); `--depthwise-implementation library` compiles them as library calls, `triton` runs the Triton
+kernels (every MetaSeg variant).
 With `$OUT` set, the printed report is also written to `$OUT/bench_inference.txt`.
 """
 
@@ -34,6 +35,8 @@ common.use_fault_free_allocator()
 
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
+
+from metaseg_hf.ops_metaseg import IMPLEMENTATIONS  # noqa: E402
 
 FAMILIES = {"t": "metaseg-t", "b": "metaseg-b"}
 DYNAMIC_HW = False  # --compile-dynamic-hw
@@ -56,8 +59,8 @@ def parse_args():
         help="compile with dynamic height and width (falls back to static if Inductor fails to lower it)",
     )
     parser.add_argument(
-        "--no-stencil", action="store_true",
-        help="CUDA: compile depthwise convolutions as library calls, not as Inductor-fused shifted-slice sums",
+        "--depthwise-implementation", default="auto", choices=IMPLEMENTATIONS,
+        help="config.depthwise_implementation of every MetaSeg variant (default: auto)",
     )
     parser.add_argument(
         "--agreement-compiled", action="store_true",
@@ -334,10 +337,7 @@ def main() -> None:
     global DYNAMIC_HW
     args = parse_args()
     DYNAMIC_HW = args.compile_dynamic_hw
-    if args.no_stencil:
-        from metaseg_hf import fusion_metaseg
-
-        fusion_metaseg.STENCIL_DEPTHWISE_WHEN_COMPILED = False
+    common.DEPTHWISE_IMPLEMENTATION = args.depthwise_implementation
     report = common.Report("bench_inference.txt")
     report(common.machine_description(args.device))
     section = run_cuda(args, report) if args.device == "cuda" else run_cpu(args, report)

@@ -83,7 +83,8 @@ def torch_operator_profile(model, pixel_values: torch.Tensor, runs: int) -> list
 
 def profile_table(rows: list, limit: int = 10) -> str:
     return common.markdown_table(
-        ["operator", "share", "ms / run"], [[name, f"{share * 100:.1f}%", f"{ms:.1f}"] for name, share, ms in rows[:limit]]
+        ["operator", "share", "ms / run (profiled)"],
+        [[name, f"{share * 100:.1f}%", f"{ms:.1f}"] for name, share, ms in rows[:limit]],
     )
 
 
@@ -156,7 +157,8 @@ def main() -> None:
             torch_rows = torch_operator_profile(fused, pixel_values, args.profile_runs)
             profiles = (
                 f"\n\nONNX Runtime, share of node time by operator type ({args.profile_runs} runs, `--profile`):\n\n"
-                f"{profile_table(ort_rows)}\n\nPyTorch fused, share of self CPU time by operator:\n\n"
+                f"{profile_table(ort_rows)}\n\nPyTorch fused, share of self CPU time by operator (torch.profiler; "
+                "its times are summed over threads and include the profiler's overhead):\n\n"
                 f"{profile_table(torch_rows)}"
             )
             report(profiles)

@@ -13,8 +13,8 @@ port: `port` (NCHW, as `from_pretrained` gives it), `port+cl` (model and batch i
 on CUDA, `port+compile` for the sizes in `--compile-models` (default MetaSeg-T; NCHW;
 `common.Compiled`: `torch.compile(fullgraph=True)` on the forward, static height and width with a
 dynamic batch unless `--compile-dynamic-hw`; the loss, which checks the labels, runs eagerly; the
-depthwise convolutions stay library calls: the Inductor-fused stencils are for inference only, see
-`fusion_metaseg.STENCIL_DEPTHWISE_WHEN_COMPILED`). With `$OUT` set, the report also goes to
+depthwise convolutions stay library calls: `config.depthwise_implementation = "auto"` uses the
+Inductor-fused stencils for inference only). With `$OUT` set, the report also goes to
 `$OUT/bench_training.txt`.
 """
 

@@ -44,6 +44,10 @@ PEERS = {"metaseg-t": "segformer-b0", "metaseg-b": "segformer-b2"}
 NUM_LABELS = 150
 
 
+# `config.depthwise_implementation` of every MetaSeg the benchmarks build (`--depthwise-implementation`).
+DEPTHWISE_IMPLEMENTATION = "auto"
+
+
 def build_metaseg(name: str):
     """MetaSeg-T or -B (ADE20K preset, 150 labels) with seeded random weights, the straight port."""
     import torch
@@ -51,7 +55,8 @@ def build_metaseg(name: str):
     from metaseg_hf import MetaSegConfig, MetaSegForSemanticSegmentation
 
     torch.manual_seed(0)
-    return MetaSegForSemanticSegmentation(MetaSegConfig.from_preset(METASEG_PRESETS[name]))
+    config = MetaSegConfig.from_preset(METASEG_PRESETS[name], depthwise_implementation=DEPTHWISE_IMPLEMENTATION)
+    return MetaSegForSemanticSegmentation(config)
 
 
 def build_segformer(name: str):

@@ -8,10 +8,15 @@ fail naming the missing files. Shared helpers are in helpers.py.
 
 import os
 
-import pytest
-import torch
+# The Triton kernels (metaseg_hf.ops_metaseg) run on CPU tensors under Triton's interpreter. Triton reads
+# this when it decorates functions, its own standard library included, so it must be set before anything
+# imports triton (torch.onnx and torch.compile do): here, before any test module is collected.
+os.environ["TRITON_INTERPRET"] = "1"
 
-from helpers import missing_reference_files, reference_dir, tiny_config
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from helpers import missing_reference_files, reference_dir, tiny_config  # noqa: E402
 
 REQUIRE_REFERENCE = "METASEG_REQUIRE_REFERENCE"
 

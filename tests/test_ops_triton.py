@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"  # before the Triton kernels are built (and triton imported, for older Tritons)
+os.environ["TRITON_INTERPRET"] = "1"  # also set by conftest.py, before any test module can import triton
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
