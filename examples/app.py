@@ -85,7 +85,7 @@ def parse_args(argv=None):
                         help="slide mode: window side (default: the model's, else the processor's short side)")
     parser.add_argument("--window_stride", type=int,
                         help="slide mode: window stride (default: the model's, else 2/3 of the window)")
-    parser.add_argument("--batch_size", type=int, default=4, help="sliding windows per forward pass")
+    parser.add_argument("--batch_size", type=int, default=WINDOW_BATCH_SIZE, help="sliding windows per forward pass")
     parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest photo accepted")
     parser.add_argument("--max_file_size", default="50mb", help="largest upload accepted (Gradio refuses bigger)")
     parser.add_argument("--concurrency", type=int, default=1, help="requests segmented at the same time")

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers.image_utils import ChannelDimension
 from transformers.utils import logging
 
@@ -100,8 +100,11 @@ def apply_orientation(image: Image.Image, orientation: int) -> Image.Image:
 
 
 def exif_transpose(image: Image.Image) -> Image.Image:
-    """Applies an image's own EXIF orientation, as OpenCV's `imread` does; the image itself when there is none."""
-    return apply_orientation(image, exif_orientation(image))
+    """Applies an image's own EXIF orientation, as OpenCV's `imread` does, and drops the tag from the result
+    (so a second call changes nothing); the image itself when it is upright."""
+    if exif_orientation(image) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 # ----------------------------------------------------------------------------------------------------

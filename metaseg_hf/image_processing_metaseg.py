@@ -230,6 +230,11 @@ class MetaSegImageProcessor(BaseImageProcessor):
     _NONE_IS_A_SETTING = ("size_divisor",)
 
     def __init__(self, **kwargs: Unpack[MetaSegImageProcessorKwargs]):
+        if "reduce_labels" in kwargs:  # Transformers would keep it as an unused attribute: labels unreduced
+            raise ValueError(
+                f"MetaSegImageProcessor got `reduce_labels={kwargs['reduce_labels']!r}`, the name Transformers 4 "
+                "used; it is `do_reduce_labels` now. Rename the key (in preprocessor_config.json too)."
+            )
         explicit_none = [key for key in self._NONE_IS_A_SETTING if key in kwargs and kwargs[key] is None]
         super().__init__(**kwargs)
         # `_set_attributes` replaces None by the class default; keep an explicit `size_divisor=None`.

@@ -665,7 +665,9 @@ class MetaSegForSemanticSegmentation(MetaSegPreTrainedModel):
         stage_outputs = self.metaseg(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
         logits, attentions = self.decode_head(stage_outputs)
         loss = self.semantic_segmentation_loss(logits, labels) if labels is not None else None
-        output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
+        output_attentions = kwargs.get("output_attentions")
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
         return SemanticSegmenterOutput(
             loss=loss, logits=logits, hidden_states=stage_outputs, attentions=attentions if output_attentions else None
         )

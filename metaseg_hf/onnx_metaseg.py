@@ -25,6 +25,7 @@ onnx, onnxscript and onnxruntime are optional (`pip install "metaseg-hf[onnx]"`)
 function here needs them, never by `import metaseg_hf`.
 """
 
+import contextlib
 import logging
 import os
 import re
@@ -201,74 +202,89 @@ def export_onnx(
             f"export_onnx exports float32 models; this one is {parameter.dtype}. Call model.float() first (the "
             "ONNX input and output are float32)."
         )
-    config = model.config
-    min_side = minimum_input_size(config)
-    inputs = _check_inputs(config.num_channels, parameter.device)
-    was_training, was_fused = model.training, bool(getattr(model, "is_fused", False))
-    model.eval()
+    inputs = _check_inputs(model.config.num_channels, parameter.device)
     expected = None
     if check:
-        with torch.no_grad():
+        with _traced_form(model, fuse=False), torch.no_grad():
             expected = [model(pixel_values=pixel_values).logits.float().cpu() for pixel_values in inputs]
-    fused_here = fuse and not was_fused
     created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".onnx-export-", dir=output_dir))
     written = False
     try:
-        if fused_here:
-            model.fuse()
-        log(f"exporting {type(model).__name__} ({'fused' if fuse or was_fused else 'straight port'}) to ONNX ...")
-        _trace_to_onnx(_LogitsOnly(model), inputs[0], staging / ONNX_FILE_NAME, opset, min_side)
-        if fused_here:
-            model.unfuse()
-            fused_here = False
-        opset_written = _check_dynamic_dims(staging / ONNX_FILE_NAME)
+        with _traced_form(model, fuse) as fused:
+            log(f"exporting {type(model).__name__} ({'fused' if fused else 'straight port'}) to ONNX ...")
+            _trace_to_onnx(_LogitsOnly(model), inputs[0], staging / ONNX_FILE_NAME, opset, minimum_input_size(model.config))
         result = ONNXExportResult(
             path=output_dir / ONNX_FILE_NAME,
-            opset=opset_written,
-            fused=fuse or was_fused,
+            opset=_check_dynamic_dims(staging / ONNX_FILE_NAME),
+            fused=fused,
             file_size=(staging / ONNX_FILE_NAME).stat().st_size,
         )
         if check:
-            session = create_session(staging / ONNX_FILE_NAME, num_threads=None)
-            differences, scale = [], 1.0
-            for pixel_values, reference in zip(inputs, expected):
-                logits = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: pixel_values.cpu().numpy()})[0])
-                if logits.shape != reference.shape:
-                    raise ONNXExportError(
-                        f"ONNX Runtime returned logits of shape {tuple(logits.shape)} for input "
-                        f"{tuple(pixel_values.shape)}; PyTorch returns {tuple(reference.shape)}. Nothing was written."
-                    )
-                differences.append((logits - reference).abs().max().item())
-                scale = max(scale, reference.abs().max().item())
-                result.checked_shapes.append(tuple(pixel_values.shape))
-            result.max_abs_difference = max(differences)
-            shapes = ", ".join("x".join(map(str, shape)) for shape in result.checked_shapes)
-            log(f"ONNX Runtime vs PyTorch logits on inputs {shapes}: max abs difference {result.max_abs_difference:.3e}")
-            if not result.max_abs_difference <= tolerance * scale:
-                raise ONNXExportError(
-                    f"ONNX Runtime's logits differ from PyTorch's by up to {result.max_abs_difference:.3e} (inputs "
-                    f"{shapes}; allowed {tolerance:g} x max(1, largest |logit| = {scale:.3g})). Nothing was written. "
-                    "Export with fuse=False (--no-fuse) or another --opset to find the culprit."
-                )
+            result.max_abs_difference = _compare_with_pytorch(staging / ONNX_FILE_NAME, inputs, expected, tolerance, log)
+            result.checked_shapes = [tuple(pixel_values.shape) for pixel_values in inputs]
         # The settings only: save_pretrained would also copy the package's code files (for trust_remote_code),
         # which an ONNX folder does not use.
-        config.to_json_file(staging / "config.json")
+        model.config.to_json_file(staging / "config.json")
         image_processor.to_json_file(staging / "preprocessor_config.json")
         for path in staging.iterdir():
             os.replace(path, output_dir / path.name)
         written = True
-        log(f"wrote {result.path} ({result.file_size / 2**20:.1f} MiB, opset {result.opset}) with config.json and "
-            "preprocessor_config.json")
-        return result
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if created and not written and not any(output_dir.iterdir()):
             output_dir.rmdir()
-        if fused_here:
+    log(f"wrote {result.path} ({result.file_size / 2**20:.1f} MiB, opset {result.opset}) with config.json and "
+        "preprocessor_config.json")
+    return result
+
+
+@contextlib.contextmanager
+def _traced_form(model, fuse: bool):
+    """The model as it is traced, restored afterwards: eval mode, fused when `fuse` (yields whether it is),
+    and its depthwise convolutions as library calls (ONNX `Conv`; "auto" would trace the shifted-slice form for
+    a model on a GPU, "triton" a custom operator ONNX has no implementation of)."""
+    was_training, was_fused = model.training, bool(getattr(model, "is_fused", False))
+    implementation = getattr(model.config, "depthwise_implementation", None)
+    model.eval()
+    try:
+        if fuse and not was_fused:
+            model.fuse()
+        if implementation is not None:
+            model.config.depthwise_implementation = "library"
+        yield fuse or was_fused
+    finally:
+        if implementation is not None:
+            model.config.depthwise_implementation = implementation
+        if fuse and not was_fused:
             model.unfuse()
         model.train(was_training)
+
+
+def _compare_with_pytorch(path: Path, inputs: list, expected: list, tolerance: float, log) -> float:
+    """Runs the ONNX file with ONNX Runtime on `inputs` and returns the largest |logits - expected|; raises
+    ONNXExportError when a shape differs or that exceeds `tolerance` x max(1, largest |expected logit|)."""
+    session = create_session(path)
+    differences, scale = [], 1.0
+    for pixel_values, reference in zip(inputs, expected):
+        logits = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: pixel_values.cpu().numpy()})[0])
+        if logits.shape != reference.shape:
+            raise ONNXExportError(
+                f"ONNX Runtime returned logits of shape {tuple(logits.shape)} for input {tuple(pixel_values.shape)}; "
+                f"PyTorch returns {tuple(reference.shape)}. Nothing was written."
+            )
+        differences.append((logits - reference).abs().max().item())
+        scale = max(scale, reference.abs().max().item())
+    shapes = ", ".join("x".join(map(str, pixel_values.shape)) for pixel_values in inputs)
+    log(f"ONNX Runtime vs PyTorch logits on inputs {shapes}: max abs difference {max(differences):.3e}")
+    if not max(differences) <= tolerance * scale:
+        raise ONNXExportError(
+            f"ONNX Runtime's logits differ from PyTorch's by up to {max(differences):.3e} (inputs {shapes}; allowed "
+            f"{tolerance:g} x max(1, largest |logit| = {scale:.3g})). Nothing was written. Export with fuse=False "
+            "(--no-fuse) or another --opset to find the culprit."
+        )
+    return max(differences)
 
 
 def create_session(path, num_threads: int | None = None, providers=None, optimization_level: str = "all",

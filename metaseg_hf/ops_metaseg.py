@@ -91,20 +91,25 @@ def check_implementation(implementation: str) -> str:
 # Availability
 
 
-_TRITON_IMPORTABLE = None
+_TRITON_IMPORT_ERROR = None  # "" once triton imported, else the reason it does not
+
+
+def triton_import_error() -> str | None:
+    """Why `import triton` fails (checked once, cached), or None when it works."""
+    global _TRITON_IMPORT_ERROR
+    if _TRITON_IMPORT_ERROR is None:
+        try:
+            import triton  # noqa: F401
+        except ImportError as error:
+            _TRITON_IMPORT_ERROR = f"triton cannot be imported ({error}); pip install 'metaseg-hf[triton]'"
+        else:
+            _TRITON_IMPORT_ERROR = ""
+    return _TRITON_IMPORT_ERROR or None
 
 
 def triton_importable() -> bool:
     """Whether `import triton` works (checked once, cached)."""
-    global _TRITON_IMPORTABLE
-    if _TRITON_IMPORTABLE is None:
-        try:
-            import triton  # noqa: F401
-        except Exception:  # ImportError, or a broken install
-            _TRITON_IMPORTABLE = False
-        else:
-            _TRITON_IMPORTABLE = True
-    return _TRITON_IMPORTABLE
+    return triton_import_error() is None
 
 
 def triton_interpreting() -> bool:
@@ -123,14 +128,12 @@ def _device_reason(tensor: torch.Tensor) -> str | None:
         return f"the Triton ops need torch >= 2.6 (torch.library.triton_op), this is torch {torch.__version__}"
     if tensor.device.type == "cuda":
         if not triton_importable():
-            return "triton is not installed (pip install 'metaseg-hf[triton]')"
+            return triton_import_error()
         if tensor.dtype == torch.bfloat16 and torch.cuda.get_device_capability(tensor.device) < (8, 0):
             return "bfloat16 Triton kernels need a GPU of compute capability 8.0 or newer"
         return None
     if tensor.device.type == "cpu" and triton_interpreting():
-        if not triton_importable():
-            return "triton is not installed (pip install 'metaseg-hf[triton]')"
-        return None
+        return triton_import_error()
     return f"the Triton kernels run on CUDA tensors (or on CPU under TRITON_INTERPRET=1), not on {tensor.device.type}"
 
 
@@ -207,7 +210,10 @@ def _pair(value) -> tuple[int, int]:
 
 def _require_triton(reason: str | None) -> None:
     if reason is not None:
-        raise ValueError(f"implementation='triton' cannot run here: {reason}")
+        raise ValueError(
+            f"implementation='triton' cannot run here: {reason}. Set model.config.depthwise_implementation "
+            "to 'auto' (or 'library') to run the PyTorch convolutions instead."
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -412,8 +418,11 @@ def triton_kernels():
 
 def _define_kernels():
     global triton, tl, _gelu, _gelu_grad
-    import triton
-    import triton.language as tl
+    try:  # in a try block: Transformers' remote-code check then does not require triton to load a model
+        import triton
+        import triton.language as tl
+    except ImportError as error:
+        raise ImportError(f"the Triton kernels need triton: pip install 'metaseg-hf[triton]' ({error})") from error
 
     # Kernel code avoids calls to other @triton.jit functions in its loops: under the interpreter each such call
     # costs milliseconds. The two GELU helpers run once per tile.
@@ -694,7 +703,10 @@ def _define_kernels():
 def _launcher(kernel):
     """`wrap_triton(kernel)` (traceable by torch.compile), or under the interpreter the kernel itself, skipped
     when the op is traced with fake or meta tensors (the interpreter would read their data)."""
-    from triton.runtime.jit import JITFunction
+    try:  # see _define_kernels
+        from triton.runtime.jit import JITFunction
+    except ImportError as error:
+        raise ImportError(f"the Triton kernels need triton: pip install 'metaseg-hf[triton]' ({error})") from error
 
     if isinstance(kernel, JITFunction):
         return torch.library.wrap_triton(kernel)

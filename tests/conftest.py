@@ -11,7 +11,7 @@ import os
 # The Triton kernels (metaseg_hf.ops_metaseg) run on CPU tensors under Triton's interpreter. Triton reads
 # this when it decorates functions, its own standard library included, so it must be set before anything
 # imports triton (torch.onnx and torch.compile do): here, before any test module is collected.
-os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

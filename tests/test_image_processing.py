@@ -4,6 +4,7 @@ The tiny official photo (tests/fixtures/tiny) runs everywhere; the large referen
 `reference` fixture (tests/conftest.py): those tests skip without it, or fail with METASEG_REQUIRE_REFERENCE=1.
 """
 
+import io
 import json
 import math
 import warnings
@@ -651,3 +652,26 @@ def test_unsupported_settings_raise_clear_errors(processor):
         processor(image, pad_size={"height": 64, "width": 64})
     with pytest.raises(ValueError, match=r"aspect ratio is too extreme"):
         processor(np.zeros((1, 5000, 3), dtype=np.uint8), input_data_format="channels_last")
+
+
+def test_legacy_reduce_labels_key_is_refused_by_name(tmp_path):
+    """A Transformers 4 `reduce_labels` key would otherwise be kept as an unused attribute (labels unreduced)."""
+    with pytest.raises(ValueError, match=r"`reduce_labels=True`.*`do_reduce_labels`"):
+        MetaSegImageProcessor(reduce_labels=True)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "MetaSegImageProcessor", "reduce_labels": True}))
+    with pytest.raises(ValueError, match="do_reduce_labels"):
+        MetaSegImageProcessor.from_pretrained(tmp_path)
+
+
+def test_exif_transpose_turns_an_image_once():
+    from metaseg_hf.image_io import exif_transpose
+
+    image = Image.fromarray(np.arange(8, dtype=np.uint8).reshape(2, 4))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotated 90 degrees clockwise
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", exif=exif)
+    opened = Image.open(buffer)
+    upright = exif_transpose(opened)
+    assert upright.size == (2, 4)
+    assert np.array_equal(np.asarray(exif_transpose(upright)), np.asarray(upright))

@@ -69,15 +69,18 @@ def tiny_models(tiny_dir, tiny_export):
 
 @pytest.fixture(scope="session")
 def reference_export(converted_dir, tmp_path_factory):
-    """The converted official MetaSeg-T checkpoint exported by the library function: (folder, result)."""
+    """The converted official MetaSeg-T checkpoint exported by the library function: (folder, result).
+
+    Its config asks for the Triton depthwise kernels, which cannot run here: the export must trace ONNX `Conv`s
+    whatever the PyTorch runtime choice, and leave the model and its saved config as they were given."""
     if not HAS_ONNX:
         pytest.skip('needs the ONNX extra: pip install "metaseg-hf[onnx]"')
     from metaseg_hf.onnx_metaseg import export_onnx
 
     output = tmp_path_factory.mktemp("reference-onnx")
-    model = MetaSegForSemanticSegmentation.from_pretrained(converted_dir).eval()
+    model = MetaSegForSemanticSegmentation.from_pretrained(converted_dir, depthwise_implementation="triton").eval()
     result = export_onnx(model, output, MetaSegImageProcessor.from_pretrained(converted_dir), log=lambda line: None)
-    assert not model.is_fused, "export_onnx must leave the model as it was given"
+    assert not model.is_fused and model.config.depthwise_implementation == "triton"
     return output, result
 
 
@@ -107,6 +110,7 @@ def test_reference_export_is_checked_on_two_batch_sizes_and_shapes(reference_exp
     assert sorted(path.name for path in folder.iterdir()) == ["config.json", "model.onnx", "preprocessor_config.json"]
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "metaseg" and len(config["id2label"]) == 150
+    assert config["depthwise_implementation"] == "triton"  # saved as given; the graph holds plain Convs
 
 
 @needs_onnx
@@ -141,6 +145,8 @@ def test_reference_export_has_dynamic_batch_height_and_width(reference_model, re
     dims = [dim.dim_param or dim.dim_value for dim in graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", 3, "height", "width"]
     assert graph.output[0].type.tensor_type.shape.dim[1].dim_value == 150
+    assert {node.domain for node in graph.node} == {""}  # standard ONNX operators only, no custom ones
+    assert "Conv" in {node.op_type for node in graph.node}
     generator = torch.Generator().manual_seed(1)
     for shape in [(3, 3, 57, 90), (1, 3, 161, 64)]:
         pixel_values = torch.randn(shape, generator=generator)

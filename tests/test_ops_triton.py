@@ -17,11 +17,8 @@ installed (CI installs it with the `triton` extra).
 """
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
-
-os.environ["TRITON_INTERPRET"] = "1"  # also set by conftest.py, before any test module can import triton
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -144,8 +141,8 @@ def test_supports_and_reasons(triton_interpreter):
 
 def test_no_triton_on_cpu_without_the_interpreter_nor_without_triton(monkeypatch):
     x, weight = torch.zeros(1, 4, 5, 5), torch.zeros(4, 1, 3, 3)
-    monkeypatch.setattr(ops_metaseg, "_TRITON_IMPORTABLE", False)
-    assert "triton is not installed" in ops_metaseg.triton_unsupported_reason(x, weight, 1)
+    monkeypatch.setattr(ops_metaseg, "_TRITON_IMPORT_ERROR", "triton cannot be imported (No module named 'triton')")
+    assert "triton cannot be imported" in ops_metaseg.triton_unsupported_reason(x, weight, 1)
     assert ops_metaseg.depthwise_conv2d(x, weight, None, 1, "auto").shape == x.shape  # the library
     monkeypatch.delenv("TRITON_INTERPRET")
     assert not ops_metaseg.is_triton_available(x)
