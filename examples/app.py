@@ -25,7 +25,6 @@ exposes), callable with `gradio_client`:
 import argparse
 import atexit
 import html
-import math
 import os
 import re
 import shutil
@@ -44,7 +43,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
 import metaseg_hf  # noqa: F401  (registers MetaSeg with the Auto classes)
-from metaseg_hf.inference_metaseg import WINDOW_BATCH_SIZE, segment, window_starts
+from metaseg_hf.inference_metaseg import WINDOW_BATCH_SIZE, count_forward_passes, segment
 from metaseg_hf.synthetic import save_example_image
 from metaseg_hf.visualization import class_fractions, class_map_image, class_palette, overlay_image
 
@@ -177,19 +176,10 @@ class SegmentationDemo:
 
     def forward_passes(self, height: int, width: int, mode: str, flip: bool, scales) -> int:
         """How many model calls `segment()` makes on a `height` x `width` photo (the progress bar's total)."""
-        size = self.processor.size
-        keys = [key for key in ("height", "width", "shortest_edge", "longest_edge") if getattr(size, key, None)]
-        total = 0
-        for ratio in scales:
-            overrides = {} if ratio == 1.0 else {"size": {key: int(getattr(size, key) * ratio) for key in keys}}
-            input_height, input_width = self.processor.get_processed_size(height, width, **overrides)
-            if mode == "slide":
-                windows = len(window_starts(input_height, self.window_size, self.window_stride)) * len(
-                    window_starts(input_width, self.window_size, self.window_stride))
-                total += math.ceil(windows / self.window_batch_size)
-            else:
-                total += 1
-        return total * (2 if flip else 1)
+        return count_forward_passes(
+            self.processor, height, width, mode, self.window_size, self.window_stride, flip, scales,
+            self.window_batch_size,
+        )
 
     # ------------------------------------------------------------------ the page's functions
 

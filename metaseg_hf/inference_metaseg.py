@@ -256,6 +256,34 @@ def _scaled_size(size, ratio: float) -> dict:
     return {key: int(getattr(size, key) * ratio) for key in keys}
 
 
+def count_forward_passes(
+    image_processor,
+    height: int,
+    width: int,
+    mode: str,
+    window_size=None,
+    window_stride=None,
+    flip: bool = False,
+    scales=(1.0,),
+    window_batch_size: int = WINDOW_BATCH_SIZE,
+) -> int:
+    """How many model calls `segment()` makes on one `height` x `width` image with these settings (for
+    a progress bar's total): one per scale and flip in "whole" mode, one per `window_batch_size` windows
+    in "slide" mode."""
+    total = 0
+    for ratio in scales:
+        overrides = {"size": _scaled_size(image_processor.size, ratio)} if ratio != 1.0 else {}
+        input_height, input_width = image_processor.get_processed_size(height, width, **overrides)
+        if mode == "slide":
+            (window_h, window_w) = _pair(window_size, "window_size")
+            (stride_h, stride_w) = _pair(window_stride, "window_stride")
+            windows = len(window_starts(input_height, window_h, stride_h)) * len(window_starts(input_width, window_w, stride_w))
+            total += -(-windows // window_batch_size)
+        else:
+            total += 1
+    return total * (2 if flip else 1)
+
+
 def preprocess_scales(image_processor, image, scales=(1.0,), input_data_format=None) -> list[torch.Tensor]:
     """One image's `pixel_values`, (1, C, h, w), at each test-time scale: the processor's resize box
     scaled by each ratio (MMSegmentation's MultiScaleFlipAug; 1.0 is the processor's own size)."""
