@@ -47,6 +47,7 @@ from .image_io import (
     read_label,
     reduce_zero_label,
 )
+from .image_processing_metaseg import normalization_constants
 from .inference_metaseg import preprocess_scales
 from .presets import DATASET_CLASSES, DATASETS, OFFICIAL_TRAINING_RECIPE
 
@@ -639,9 +640,9 @@ class TrainAugmentation:
             image, label = image[:, ::-1], label[:, ::-1]
         if self.photometric_distortion:
             image = photometric_distortion(np.ascontiguousarray(image), rng)
-        mean = np.asarray(self.image_mean, dtype=np.float32) * 255.0
-        std = np.asarray(self.image_std, dtype=np.float32) * 255.0
-        normalised = (image.astype(np.float32) - mean) / std
+        # The processor's arithmetic (official: float32 `(x - mean) / std` on the uint8 values).
+        subtract, divide = normalization_constants(True, 1 / 255, True, self.image_mean, self.image_std, None)
+        normalised = (image.astype(np.float32) - subtract.reshape(3).numpy()) / divide.reshape(3).numpy()
         pixel_values = np.zeros((3, *self.crop_size), dtype=np.float32)
         labels = np.full(self.crop_size, self.ignore_index, dtype=np.int64)
         height, width = label.shape

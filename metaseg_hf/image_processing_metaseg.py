@@ -131,6 +131,28 @@ def channel_count(image_mean, image_std) -> int:
 # ----------------------------------------------------------------------------------------------------
 
 
+def normalization_constants(do_rescale, rescale_factor, do_normalize, image_mean, image_std, device, num_channels=3):
+    """The float32 `(subtract, divide)`, each (num_channels, 1, 1), of `pixel_values = (uint8 - subtract) / divide`.
+
+    The rescale is folded into the statistics, `mean / rescale_factor` and `std / rescale_factor` in
+    float64 (as Transformers' fast processors fold it): for the official settings these round to exactly
+    the official float32 constants (123.675, 116.28, 103.53) and (58.395, 57.12, 57.375), so
+    `pixel_values` is the official float32 `(x - mean) / std` bit for bit (`x * scale + offset` is one
+    rounding step off on about half the values). Rescale only: `x / (1 / rescale_factor)`; neither:
+    the uint8 values as float32.
+    """
+    factor = rescale_factor if do_rescale else 1.0
+    subtract = torch.zeros(num_channels, dtype=torch.float64)
+    divide = torch.ones(num_channels, dtype=torch.float64)
+    if do_normalize:
+        subtract = torch.as_tensor(image_mean, dtype=torch.float64).expand(num_channels) / factor
+        divide = torch.as_tensor(image_std, dtype=torch.float64).expand(num_channels) / factor
+    else:
+        divide = divide / factor
+    shape = (num_channels, 1, 1)
+    return subtract.float().view(shape).to(device), divide.float().view(shape).to(device)
+
+
 class MetaSegImageProcessor(BaseImageProcessor):
     r"""
     Prepares images (and segmentation maps) for MetaSeg and turns its logits into segmentation maps.
@@ -447,7 +469,7 @@ class MetaSegImageProcessor(BaseImageProcessor):
         sizes = [step[-1] if step else tuple(image.shape[:2]) for step, image in zip(steps, read)]
         canvas = _canvas_size(sizes, do_pad, pad_size, return_tensors)
 
-        subtract, divide = self._affine_normalization(
+        subtract, divide = normalization_constants(
             do_rescale, rescale_factor, do_normalize, image_mean, image_std, device, num_channels=channels
         )
         batch = len(read)
@@ -491,28 +513,6 @@ class MetaSegImageProcessor(BaseImageProcessor):
         elif return_tensors == "np":
             data = {key: value.cpu().numpy() for key, value in data.items()}
         return BatchFeature(data=data)
-
-    @staticmethod
-    def _affine_normalization(do_rescale, rescale_factor, do_normalize, image_mean, image_std, device, num_channels=3):
-        """The float32 `(subtract, divide)`, each (num_channels, 1, 1), of `pixel_values = (uint8 - subtract) / divide`.
-
-        The rescale is folded into the statistics, `mean / rescale_factor` and `std / rescale_factor` in
-        float64 (as Transformers' fast processors fold it): for the official settings these round to exactly
-        the official float32 constants (123.675, 116.28, 103.53) and (58.395, 57.12, 57.375), so
-        `pixel_values` is the official float32 `(x - mean) / std` bit for bit (`x * scale + offset` is one
-        rounding step off on about half the values). Rescale only: `x / (1 / rescale_factor)`; neither:
-        the uint8 values as float32.
-        """
-        factor = rescale_factor if do_rescale else 1.0
-        subtract = torch.zeros(num_channels, dtype=torch.float64)
-        divide = torch.ones(num_channels, dtype=torch.float64)
-        if do_normalize:
-            subtract = torch.as_tensor(image_mean, dtype=torch.float64).expand(num_channels) / factor
-            divide = torch.as_tensor(image_std, dtype=torch.float64).expand(num_channels) / factor
-        else:
-            divide = divide / factor
-        shape = (num_channels, 1, 1)
-        return subtract.float().view(shape).to(device), divide.float().view(shape).to(device)
 
     # ------------------------------------------------------------------ post-processing
 
