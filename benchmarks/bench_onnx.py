@@ -11,8 +11,9 @@ for the fused model, to say where either spends its time.
 
     python benchmarks/bench_onnx.py [--threads 2] [--repeats 15] [--profile] [--write-results]
 
-ONNX Runtime's idle worker threads spin by default; in a round-robin with PyTorch they would keep a core busy
-while PyTorch runs, so spinning is off (`--spinning` turns it on: `onnxruntime+spin`, timed as well).
+ONNX Runtime's idle worker threads spin by default; in a round-robin with PyTorch they keep the cores busy
+while the next case runs (measured: PyTorch fused ~35% slower right after a spinning session), so spinning is
+off. `--spinning` also times a spinning session (`onnxruntime+spin`); it then penalises the case after it.
 With `$OUT` set, the printed report is also written to `$OUT/bench_onnx.txt`.
 """
 

@@ -50,9 +50,15 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
 
 
 def _model_logits(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    parameter = next(model.parameters())
+    """Float32 logits, the input moved to the model's device and dtype (`model.device` / `model.dtype` as
+    Transformers models and the ONNX Runtime model have them; else the first parameter's, e.g. under DDP)."""
+    if hasattr(model, "device") and hasattr(model, "dtype"):
+        device, dtype = model.device, model.dtype
+    else:
+        parameter = next(model.parameters())
+        device, dtype = parameter.device, parameter.dtype
     with torch.no_grad():
-        logits = model(pixel_values=pixel_values.to(device=parameter.device, dtype=parameter.dtype)).logits
+        logits = model(pixel_values=pixel_values.to(device=device, dtype=dtype)).logits
     return logits.float()
 
 

@@ -377,11 +377,6 @@ class ORTMetaSegForSemanticSegmentation:
     def dtype(self) -> torch.dtype:
         return torch.float32
 
-    def parameters(self):
-        """One empty float32 CPU tensor: the device and dtype the session takes, for code written for torch
-        models that reads them from the first parameter (`inference_metaseg`)."""
-        yield torch.empty(0)
-
     def eval(self) -> "ORTMetaSegForSemanticSegmentation":
         return self
 
