@@ -16,7 +16,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from helpers import missing_reference_files, reference_dir, tiny_config  # noqa: E402
+from helpers import TINY_DIR, missing_reference_files, reference_dir, tiny_config  # noqa: E402
 
 REQUIRE_REFERENCE = "METASEG_REQUIRE_REFERENCE"
 
@@ -85,6 +85,17 @@ def converted_dir(reference, tmp_path_factory):
 
     output = tmp_path_factory.mktemp("converted") / "metaseg-t-ade20k-random"
     convert_checkpoint(reference / "metaseg-t-ade20k-random.pth", output, log=lambda message: None)
+    return output
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny official checkpoint (tests/fixtures/tiny: 7 classes, no preset architecture) converted by the
+    library; runs on a fresh clone."""
+    from metaseg_hf.conversion import convert_checkpoint
+
+    output = tmp_path_factory.mktemp("tiny") / "metaseg-tiny"
+    convert_checkpoint(TINY_DIR / "metaseg-tiny-random.pth", output, log=lambda message: None)
     return output
 
 

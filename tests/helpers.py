@@ -65,6 +65,13 @@ STAGE_KEYS = [f"hidden_states.{index}" for index in range(4)]
 ATTENTION_KEYS = [f"decoder_attentions.stage{stage}" for stage in (2, 3, 4)]
 
 
+def peak_rss_mb() -> int:
+    """This process's peak resident memory in MB: Linux's VmHWM, which starts afresh at exec. (`ru_maxrss`
+    would not: Linux carries it across exec, so a child of a large pytest process reports pytest's RSS.)"""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) // 1024
+
+
 def run_reference_batch(model, batch, dtype):
     """The model's outputs on a reference batch, keyed as in the reference files (model already in `dtype`)."""
     with torch.no_grad():

@@ -31,7 +31,6 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from metaseg_hf import MetaSegForSemanticSegmentation, MetaSegImageProcessor  # noqa: E402
-from metaseg_hf.conversion import convert_checkpoint  # noqa: E402
 from metaseg_hf.synthetic import save_example_image  # noqa: E402
 from metaseg_hf.visualization import class_fractions, class_palette, overlay_image  # noqa: E402
 
@@ -99,14 +98,6 @@ def gradio_files(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))
         yield
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """The tiny official checkpoint (tests/fixtures/tiny) converted by the library."""
-    folder = tmp_path_factory.mktemp("tiny") / "metaseg-tiny"
-    convert_checkpoint(TINY_DIR / "metaseg-tiny-random.pth", folder, log=lambda message: None)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
-from helpers import OFFICIAL_MEAN, OFFICIAL_STD, TINY_DIR, official_normalisation, sha256_of
+from helpers import OFFICIAL_MEAN, OFFICIAL_STD, TINY_DIR, official_normalisation, sha256_of, tiny_config
 from metaseg_hf.image_processing_metaseg import LOGITS_STRIDE, MetaSegImageProcessor
 from metaseg_hf.presets import DATASETS, IMAGE_MEAN, IMAGE_STD, VARIANTS, variant_image_processor_kwargs
 from metaseg_hf.resize_opencv import opencv_linear_resize
@@ -474,16 +474,10 @@ def test_pipeline_with_a_tiny_model(processor):
     """`pipeline("image-segmentation")` passes only `target_sizes`; the input size is recomputed from it."""
     from transformers import pipeline
 
-    from metaseg_hf import MetaSegConfig, MetaSegForSemanticSegmentation
+    from metaseg_hf import MetaSegForSemanticSegmentation
 
     torch.manual_seed(0)
-    config = MetaSegConfig(
-        hidden_sizes=[8, 16, 16, 32],
-        depths=[1, 1, 1, 1],
-        mlp_ratios=[2, 2, 2, 2],
-        decoder_hidden_size=16,
-        num_labels=5,
-    )
+    config = tiny_config()
     model = MetaSegForSemanticSegmentation(config).eval()
     small = MetaSegImageProcessor(size={"shortest_edge": 64, "longest_edge": 256})
     image = Image.fromarray(random_rgb(60, 90, seed=11))

@@ -115,15 +115,15 @@ def test_4000x6000_output_with_bounded_memory():
     """Class maps at 4000x6000 without materialising (num_labels, 4000, 6000) probabilities."""
     script = textwrap.dedent(
         """
-        import resource, sys, torch
+        import sys, torch
         sys.path.insert(0, "tests")
-        from helpers import tiny_config
+        from helpers import peak_rss_mb, tiny_config
         from metaseg_hf import MetaSegForSemanticSegmentation
         torch.manual_seed(0)
         model = MetaSegForSemanticSegmentation(tiny_config(num_labels=19)).eval()
         prediction = model.predict(torch.randn(1, 3, 512, 768), original_sizes=[(4000, 6000)])[0]
         assert prediction.segmentation.shape == (4000, 6000) and prediction.probabilities is None
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+        print(peak_rss_mb())
         """
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)

@@ -21,7 +21,6 @@ from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from helpers import REPO_ROOT, TINY_DIR, run_python, tiny_config
 from metaseg_hf import MetaSegForSemanticSegmentation, MetaSegImageProcessor
-from metaseg_hf.conversion import convert_checkpoint
 
 HAS_ONNX = all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript", "onnxruntime"))
 needs_onnx = pytest.mark.skipif(not HAS_ONNX, reason='needs the ONNX extra: pip install "metaseg-hf[onnx]"')
@@ -35,14 +34,6 @@ TINY_PHOTO = TINY_DIR / "tiny-photo.png"
 
 def agreement(first: torch.Tensor, second: torch.Tensor) -> float:
     return (first == second).float().mean().item()
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    """The tiny official checkpoint (7 classes, no preset architecture) converted by the library."""
-    output = tmp_path_factory.mktemp("tiny-onnx") / "converted"
-    convert_checkpoint(TINY_DIR / "metaseg-tiny-random.pth", output, log=lambda message: None)
-    return output
 
 
 @pytest.fixture(scope="session")

@@ -195,9 +195,9 @@ def test_10000x10000_photo_is_handled_with_bounded_memory():
     size is produced band by band (the (num_labels, 10000, 10000) probabilities are never held)."""
     script = textwrap.dedent(
         """
-        import resource, sys, numpy as np, torch
+        import sys, numpy as np, torch
         sys.path.insert(0, "tests")
-        from helpers import tiny_config
+        from helpers import peak_rss_mb, tiny_config
         from metaseg_hf import MetaSegForSemanticSegmentation, MetaSegImageProcessor
         torch.manual_seed(0)
         model = MetaSegForSemanticSegmentation(tiny_config(num_labels=19)).eval()
@@ -205,7 +205,7 @@ def test_10000x10000_photo_is_handled_with_bounded_memory():
         image[:, 5000:] = 200
         prediction = MetaSegImageProcessor().segment(model, image)[0]
         assert prediction.segmentation.shape == (10000, 10000)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+        print(peak_rss_mb())
         """
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
