@@ -103,17 +103,16 @@ def logits_of(model, pixel_values):
 
 
 def refresh_fused(model) -> None:
-    """Recomputes a fused model's folded buffers in place from its (changed) parameters, so that a
-    compiled instance keeps its graphs."""
-    from metaseg_hf.modeling_metaseg import MetaSegDecodeHead, MetaSegStage
-
-    for module in model.modules():
-        if isinstance(module, (MetaSegStage, MetaSegDecodeHead)) and module.fused is not None:
-            fresh = type(module.fused)(module)
-            with torch.no_grad():
-                for (name, buffer), (fresh_name, value) in zip(module.fused.named_buffers(), fresh.named_buffers()):
-                    assert name == fresh_name, (name, fresh_name)
-                    buffer.copy_(value)
+    """Recomputes a fused model's folds in place from its (changed) parameters, so that a compiled
+    instance keeps its graphs (they hold the fold modules and buffers it was traced with)."""
+    previous = {module: module.folded for module in model.modules() if getattr(module, "folded", None) is not None}
+    model.fuse()
+    with torch.no_grad():
+        for module, folded in previous.items():
+            fresh = dict(module.folded.named_buffers())
+            for name, buffer in folded.named_buffers():
+                buffer.copy_(fresh[name])
+            module.folded = folded
 
 
 def run_cpu(args, report) -> str:

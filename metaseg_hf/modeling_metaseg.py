@@ -4,8 +4,10 @@ Reads top to bottom as the paper's diagram: stem / patch embeddings -> multi-sca
 attention -> MSCAN block -> stage -> encoder; Channel Reduction Attention -> Global Meta Block ->
 decode head -> task models.
 
-`model.fuse()` switches a model to the inference-only deploy path of `fusion_metaseg` (BatchNorms and
-layer scales folded, channels_last maps on CPU); `model.unfuse()` or reloading restores this straight port.
+`model.fuse()` switches a model to its inference-only deploy form: the modules that own a `fuse()`
+(stem, patch embeddings, MSCAN block, Channel Reduction Attention, decode head) fold their BatchNorms
+and layer scales into the neighbouring convolutions (`fusion_metaseg` has the arithmetic) and run the
+same forward on the folded weights; `model.unfuse()` or reloading restores the straight port.
 """
 
 import math
@@ -24,9 +26,17 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_metaseg import MetaSegConfig
-from .fusion_metaseg import FusedDecodeHead, FusedMscanStage
+from .fusion_metaseg import (
+    FoldedConv,
+    FoldedTensors,
+    batch_norm_affine,
+    channel_chunks,
+    check_inference,
+    matrix,
+    preferred_layout,
+)
 from .inference_metaseg import SegmentationPrediction, predict
-from .ops_metaseg import depthwise_conv2d, depthwise_conv2d_gelu, msca_spatial
+from .ops_metaseg import activation_on_map, depthwise_conv2d, depthwise_conv2d_gelu, msca_spatial
 
 
 def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
@@ -73,10 +83,20 @@ class MetaSegStem(nn.Module):
         self.activation = ACT2FN[config.hidden_act]
         self.conv2 = nn.Conv2d(mid_channels, out_channels, kernel_size=3, stride=2, padding=1)
         self.norm2 = nn.BatchNorm2d(out_channels, eps=config.batch_norm_eps)
+        self.folded = None  # set by `fuse()`
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.folded is not None:
+            return self.folded(preferred_layout(pixel_values))
         hidden_states = self.activation(self.norm1(self.conv1(pixel_values)))
         return self.norm2(self.conv2(hidden_states))
+
+    def fuse(self) -> None:
+        """Each convolution and its BatchNorm as one convolution."""
+        self.folded = nn.Sequential(
+            FoldedConv.with_batch_norm(self.conv1, self.norm1, self.activation),
+            FoldedConv.with_batch_norm(self.conv2, self.norm2),
+        )
 
 
 class MetaSegOverlapPatchEmbeddings(nn.Module):
@@ -86,9 +106,16 @@ class MetaSegOverlapPatchEmbeddings(nn.Module):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1)
         self.norm = nn.BatchNorm2d(out_channels, eps=config.batch_norm_eps)
+        self.folded = None  # set by `fuse()`
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.folded is not None:
+            return self.folded(preferred_layout(hidden_states))
         return self.norm(self.proj(hidden_states))
+
+    def fuse(self) -> None:
+        """The convolution and its BatchNorm as one convolution."""
+        self.folded = FoldedConv.with_batch_norm(self.proj, self.norm)
 
 
 class MetaSegDepthwiseConv(nn.Conv2d):
@@ -141,13 +168,14 @@ class MetaSegMultiScaleConvAttention(nn.Module):
             [strip.bias for strip in self.vertical_strips],
             self.config.depthwise_implementation,
         )
-        return self.channel_mixer(multi_scale) * hidden_states
+        mixed = self.channel_mixer(multi_scale)
+        return mixed * hidden_states if torch.is_grad_enabled() else mixed.mul_(hidden_states)  # in place: inference
 
 
 class MetaSegSpatialAttention(nn.Module):
     """The attention half of an MSCAN block: 1x1 conv, GELU, MSCA gate, 1x1 conv, plus its input.
 
-    (B, C, H, W) -> (B, C, H, W).
+    (B, C, H, W) -> (B, C, H, W). Folded (`fold`), the shortcut is left to the block.
     """
 
     def __init__(self, config: MetaSegConfig, channels: int):
@@ -156,11 +184,23 @@ class MetaSegSpatialAttention(nn.Module):
         self.activation = ACT2FN[config.hidden_act]
         self.multi_scale_attention = MetaSegMultiScaleConvAttention(config, channels)
         self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.folded = None  # set by `fold()`
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        attended = self.activation(self.proj_in(hidden_states))
-        attended = self.proj_out(self.multi_scale_attention(attended))
-        return attended + hidden_states
+        proj_in, proj_out = (self.proj_in, self.proj_out) if self.folded is None else self.folded
+        attended = activation_on_map(self.activation, proj_in(hidden_states))
+        attended = proj_out(self.multi_scale_attention(attended))
+        return attended + hidden_states if self.folded is None else attended
+
+    def fold(self, input_scale: torch.Tensor, input_shift: torch.Tensor, layer_scale: torch.Tensor) -> None:
+        """Folds the affine map `input_scale * x + input_shift` in front of it (the block's BatchNorm) into
+        `proj_in`, and `layer_scale` and the shortcut's `layer_scale * input_shift` into `proj_out`; the
+        shortcut's `layer_scale * input_scale * x` is the block's. All (C,), float64."""
+        weight, bias = matrix(self.proj_in)
+        proj_in = FoldedConv.pointwise(self.proj_in, weight * input_scale, bias + weight @ input_shift)
+        weight, bias = matrix(self.proj_out)
+        proj_out = FoldedConv.pointwise(self.proj_out, weight * layer_scale[:, None], layer_scale * (bias + input_shift))
+        self.folded = nn.ModuleList([proj_in, proj_out])
 
 
 class MetaSegConvMlp(nn.Module):
@@ -173,17 +213,42 @@ class MetaSegConvMlp(nn.Module):
         self.depthwise_conv = MetaSegDepthwiseConv(config, hidden_channels, 3, padding=1)
         self.activation = ACT2FN[config.hidden_act]
         self.fc2 = nn.Conv2d(hidden_channels, channels, 1)
+        self.folded = None  # set by `fold()`
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.fc1(hidden_states)
+        fc1, fc2 = (self.fc1, self.fc2) if self.folded is None else self.folded
+        chunks = [None] if self.folded is None else channel_chunks(hidden_states, fc1.weight.shape[0])
+        if len(chunks) == 1:
+            return fc2(self._depthwise_activation(fc1(hidden_states)))
+        # Folded on CPU: the hidden map in channel chunks that stay in cache (`fusion_metaseg.MLP_CHUNK_BYTES`).
+        transformed = None
+        for chunk in chunks:
+            part = self._depthwise_activation(F.conv2d(hidden_states, fc1.weight[chunk], fc1.bias[chunk]), chunk)
+            if transformed is None:
+                transformed = F.conv2d(part, fc2.weight[:, chunk], fc2.bias)
+            else:
+                transformed.add_(F.conv2d(part, fc2.weight[:, chunk]))
+        return transformed
+
+    def _depthwise_activation(self, hidden_states: torch.Tensor, channels: slice | None = None) -> torch.Tensor:
+        """The depthwise 3x3 and the activation, on all hidden channels or on the slice `channels`."""
+        conv, implementation = self.depthwise_conv, self.config.depthwise_implementation
+        weight, bias = (conv.weight, conv.bias) if channels is None else (conv.weight[channels], conv.bias[channels])
         if self.config.hidden_act == "gelu":  # exact GELU, fused into the convolution's kernel where there is one
-            conv = self.depthwise_conv
-            hidden_states = depthwise_conv2d_gelu(
-                hidden_states, conv.weight, conv.bias, conv.padding, self.config.depthwise_implementation
-            )
-        else:
-            hidden_states = self.activation(self.depthwise_conv(hidden_states))
-        return self.fc2(hidden_states)
+            return depthwise_conv2d_gelu(hidden_states, weight, bias, conv.padding, implementation)
+        if channels is None:
+            return self.activation(conv(hidden_states))
+        hidden_states = depthwise_conv2d(hidden_states, weight, bias, conv.padding, implementation)
+        return activation_on_map(self.activation, hidden_states)
+
+    def fold(self, input_scale: torch.Tensor, input_shift: torch.Tensor, layer_scale: torch.Tensor) -> None:
+        """Folds the affine map `input_scale * x + input_shift` in front of it (the block's BatchNorm) into
+        `fc1` and `layer_scale` behind it into `fc2`. All (C,), float64."""
+        weight, bias = matrix(self.fc1)
+        fc1 = FoldedConv.pointwise(self.fc1, weight * input_scale, bias + weight @ input_shift)
+        weight, bias = matrix(self.fc2)
+        fc2 = FoldedConv.pointwise(self.fc2, weight * layer_scale[:, None], bias * layer_scale)
+        self.folded = nn.ModuleList([fc1, fc2])
 
 
 class MetaSegMscanBlock(GradientCheckpointingLayer):
@@ -198,12 +263,35 @@ class MetaSegMscanBlock(GradientCheckpointingLayer):
         self.layer_scale_1 = nn.Parameter(torch.full((channels,), float(config.layer_scale_init_value)))
         self.layer_scale_2 = nn.Parameter(torch.full((channels,), float(config.layer_scale_init_value)))
         self.drop_path = MetaSegDropPath(drop_path_rate)
+        self.folded = None  # set by `fuse()`: the attention shortcut's scale
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        attended = self.attention(self.norm1(hidden_states))
-        hidden_states = hidden_states + self.drop_path(self.layer_scale_1[:, None, None] * attended)
-        transformed = self.mlp(self.norm2(hidden_states))
-        return hidden_states + self.drop_path(self.layer_scale_2[:, None, None] * transformed)
+        if self.folded is None:
+            attended = self.attention(self.norm1(hidden_states))
+            hidden_states = hidden_states + self.drop_path(self.layer_scale_1[:, None, None] * attended)
+            transformed = self.mlp(self.norm2(hidden_states))
+            return hidden_states + self.drop_path(self.layer_scale_2[:, None, None] * transformed)
+        # Folded: the norms are in proj_in and fc1, the layer scales in proj_out and fc2, and the attention's
+        # BatchNorm shortcut ls1 * (s1 * x + t1) in `residual_scale` = 1 + ls1 * s1 and proj_out's bias.
+        check_inference(self)
+        attended = self.attention(hidden_states)
+        if hidden_states.dtype in (torch.float32, torch.float64):
+            hidden_states = torch.addcmul(attended, hidden_states, self.folded.residual_scale)
+        else:  # 1 + ls1 * s1 is not representable in half precision: add the small term on its own
+            hidden_states = torch.addcmul(attended, hidden_states, self.folded.shortcut_scale).add_(hidden_states)
+        return hidden_states + self.mlp(hidden_states)
+
+    def fuse(self) -> None:
+        """Folds both BatchNorms and layer scales into the 1x1 convolutions next to them."""
+        scale_1, shift_1 = batch_norm_affine(self.norm1)
+        layer_scale_1 = self.layer_scale_1.double()
+        self.attention.fold(scale_1, shift_1, layer_scale_1)
+        self.mlp.fold(*batch_norm_affine(self.norm2), self.layer_scale_2.double())
+        self.folded = FoldedTensors(
+            self.layer_scale_1.dtype,
+            shortcut_scale=(layer_scale_1 * scale_1)[:, None, None],
+            residual_scale=(1 + layer_scale_1 * scale_1)[:, None, None],
+        )
 
 
 class MetaSegStage(nn.Module):
@@ -223,13 +311,10 @@ class MetaSegStage(nn.Module):
             MetaSegMscanBlock(config, channels, config.mlp_ratios[stage_index], rate) for rate in drop_path_rates
         )
         self.layer_norm = nn.LayerNorm(channels, eps=config.layer_norm_eps)
-        self.fused = None  # the inference-only FusedMscanStage twin, set by `fuse()`
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.fused is not None:
-            return self.fused(hidden_states)
         hidden_states = self.patch_embeddings(hidden_states)
-        # A model converted with `.to(memory_format=torch.channels_last)` keeps that layout (no copies).
+        # A model converted with `.to(memory_format=torch.channels_last)` (or fused, on CPU) keeps that layout.
         channels_last = not hidden_states.is_contiguous() and hidden_states.is_contiguous(
             memory_format=torch.channels_last
         )
@@ -267,6 +352,20 @@ class MetaSegEncoder(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 
 
+def tokens_to_map(tokens: torch.Tensor, height: int, width: int, official_strides: bool) -> torch.Tensor:
+    """(B, N, C) tokens as a (B, C, H, W) map, a view.
+
+    `official_strides`: as the official code makes it (`transpose(1, 2).reshape(...)`). The strides decide
+    which CPU kernels pool and convolve the map, and so the last bits of the results: with them a batch
+    of one gives the official numbers bit for bit, but its degenerate batch stride makes the next
+    convolution copy the map. Otherwise (the fused model) contiguous tokens give a channels_last view
+    that needs no copy."""
+    batch_size, _, channels = tokens.shape
+    if not official_strides and tokens.is_contiguous():
+        return tokens.view(batch_size, height, width, channels).permute(0, 3, 1, 2)
+    return tokens.transpose(1, 2).reshape(batch_size, channels, height, width)
+
+
 class MetaSegChannelReductionAttention(nn.Module):
     """Channel Reduction Attention (CRA).
 
@@ -290,18 +389,26 @@ class MetaSegChannelReductionAttention(nn.Module):
         self.layer_norm = nn.LayerNorm(channels, eps=config.layer_norm_eps)
         self.activation = ACT2FN[config.hidden_act]
         self.proj = nn.Linear(channels, channels)
+        self.folded = None  # set by `fuse()`: the query weight with the scale folded in
 
     def forward(self, hidden_states: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch_size, num_tokens, channels = hidden_states.shape
-        query = self.query(hidden_states).transpose(1, 2).unsqueeze(-1)  # (B, heads, N, 1)
-        feature_map = hidden_states.transpose(1, 2).reshape(batch_size, channels, height, width)
+        query = self.query(hidden_states) if self.folded is None else F.linear(hidden_states, self.folded.query)
+        query = query.transpose(1, 2).unsqueeze(-1)  # (B, heads, N, 1)
+        feature_map = tokens_to_map(hidden_states, height, width, official_strides=self.folded is None)
         pooled = self.reduction(self.pool(feature_map)).flatten(2).transpose(1, 2)  # (B, M, C)
         pooled = self.activation(self.layer_norm(pooled))
-        key = self.key(pooled).transpose(1, 2).unsqueeze(-1)  # (B, heads, M, 1)
+        key = self.key(pooled).transpose(1, 2).unsqueeze(-2)  # (B, heads, 1, M)
         value = self.value(pooled).reshape(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
-        attention = ((query @ key.transpose(-2, -1)) * self.scale).softmax(dim=-1)  # (B, heads, N, M)
+        # Rank-1 logits: a broadcast product, equal to `query @ key^T` (inner size 1) without the matmul.
+        logits = query * key if self.folded is not None else (query * key) * self.scale
+        attention = logits.softmax(dim=-1)  # (B, heads, N, M)
         context = (attention @ value).transpose(1, 2).reshape(batch_size, num_tokens, channels)
         return self.proj(context), attention
+
+    def fuse(self) -> None:
+        """Folds the softmax scale into the query weight."""
+        self.folded = FoldedTensors(self.query.weight.dtype, query=self.query.weight.double() * self.scale)
 
 
 class MetaSegDecoderMlp(nn.Module):
@@ -335,13 +442,14 @@ class MetaSegGlobalMetaBlock(GradientCheckpointingLayer):
         self.drop_path = MetaSegDropPath(config.decoder_drop_path_rate)
 
     def forward(self, feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch_size, channels, height, width = feature_map.shape
+        height, width = feature_map.shape[-2:]
+        official_strides = self.attention.folded is None  # fused: channels_last views (see `tokens_to_map`)
         tokens = feature_map.flatten(2).transpose(1, 2)  # (B, N, C)
         attended, attention = self.attention(self.layernorm_before(tokens), height, width)
         tokens = tokens + self.drop_path(attended)
-        normed = self.layernorm_after(tokens).transpose(1, 2).reshape(batch_size, channels, height, width)
+        normed = tokens_to_map(self.layernorm_after(tokens), height, width, official_strides)
         tokens = tokens + self.drop_path(self.mlp(normed).flatten(2).transpose(1, 2))
-        return tokens.transpose(1, 2).reshape(batch_size, channels, height, width), attention
+        return tokens_to_map(tokens, height, width, official_strides), attention
 
 
 class MetaSegClassifier(nn.Conv2d):
@@ -369,25 +477,42 @@ class MetaSegDecodeHead(nn.Module):
         self.activation = nn.ReLU()
         self.dropout = nn.Dropout2d(config.classifier_dropout_prob)
         self.classifier = MetaSegClassifier(config.decoder_hidden_size, config.num_labels, 1)
-        self.fused = None  # the inference-only FusedDecodeHead twin, set by `fuse()`
+        self.folded = None  # set by `fuse()`: linear_fuse with the BatchNorm, one 1x1 convolution per input stage
 
     def forward(self, encoder_hidden_states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        if self.fused is not None:
-            return self.fused(encoder_hidden_states)
         decoder_inputs = encoder_hidden_states[1:]
         target_size = decoder_inputs[0].shape[-2:]
-        fused_inputs, attentions = [], ()
-        for block, feature_map in zip(self.global_meta_blocks, decoder_inputs):
+        resized, attentions = [], ()
+        for index, (block, feature_map) in enumerate(zip(self.global_meta_blocks, decoder_inputs)):
             feature_map, attention = block(feature_map)
-            if feature_map.shape[-2:] != target_size:
-                feature_map = F.interpolate(feature_map, size=target_size, mode="bilinear", align_corners=False)
-            fused_inputs.append(feature_map)
             attentions += (attention,)
-        hidden_states = self.linear_fuse(torch.cat(fused_inputs[::-1], dim=1))
-        hidden_states = self.dropout(self.activation(self.batch_norm(hidden_states)))
+            if self.folded is not None:  # this stage's part of linear_fuse, applied before the resize (they commute)
+                feature_map = self.folded[index](feature_map)
+            if index > 0:  # the later stages are smaller (an index, not a shape test: traced graphs keep no guard)
+                feature_map = F.interpolate(feature_map, size=target_size, mode="bilinear", align_corners=False)
+            resized.append(feature_map)
+        if self.folded is None:
+            hidden_states = self.batch_norm(self.linear_fuse(torch.cat(resized[::-1], dim=1)))
+        else:
+            hidden_states = resized[0]
+            for feature_map in resized[1:]:
+                hidden_states = hidden_states.add_(feature_map)
+        hidden_states = self.dropout(activation_on_map(self.activation, hidden_states))
         # NCHW logits also from a channels_last model: the loss's resize and log-softmax over classes
         # are several times slower on channels_last logits (a no-op for the default NCHW model).
         return self.classifier(hidden_states).contiguous(), attentions
+
+    def fuse(self) -> None:
+        """`linear_fuse` and its BatchNorm as one 1x1 convolution per input stage (its column blocks; the
+        maps are concatenated last stage first), the bias on the first."""
+        scale, shift = batch_norm_affine(self.batch_norm)
+        weight = matrix(self.linear_fuse)[0] * scale[:, None]
+        widths = [block.attention.value.weight.shape[0] for block in self.global_meta_blocks]
+        blocks = torch.split(weight, widths[::-1], dim=1)[::-1]
+        self.folded = nn.ModuleList(
+            FoldedConv.pointwise(self.linear_fuse, block, shift if index == 0 else None)
+            for index, block in enumerate(blocks)
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -540,35 +665,37 @@ class MetaSegPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def fuse(self):
-        """Switches to the inference-only deploy path and returns the model (in eval mode).
+        """Switches to the inference-only deploy form and returns the model (in eval mode).
 
-        Each MSCAN stage and the decode head get a twin (`fusion_metaseg`) with eval-mode BatchNorms
-        and layer scales folded into the neighbouring convolutions, `linear_fuse` applied before the
-        decoder's resizes, and channels_last maps on CPU; outputs equal the straight port's up to
-        float rounding (float32: within 5e-4 of the float64 reference). The parameters and the state
-        dict are unchanged (saving a fused model saves the ordinary weights), the twins are a snapshot
-        of them: call `fuse()` again after changing weights. Training a fused model is refused; call
-        `unfuse()`, or reload with `from_pretrained`, which always gives the straight port.
+        Every submodule that owns a `fuse()` (stem, patch embeddings, MSCAN blocks, Channel Reduction
+        Attention, decode head) folds its eval-mode BatchNorms, layer scales and softmax scale into the
+        neighbouring convolutions and runs its forward on the folded weights; on CPU maps are kept
+        channels_last. Outputs equal the straight port's up to float rounding (float32: within 5e-4 of
+        the float64 reference). The parameters and the state dict are unchanged (saving a fused model
+        saves the ordinary weights); the folds are a snapshot of them: call `fuse()` again after
+        changing weights. Training a fused model is refused; call `unfuse()`, or reload with
+        `from_pretrained`, which always gives the straight port.
         """
-        self.eval()
-        targets = [module for module in self.modules() if isinstance(module, (MetaSegStage, MetaSegDecodeHead))]
-        for module in targets:
-            module.fused = None
-            module.fused = FusedMscanStage(module) if isinstance(module, MetaSegStage) else FusedDecodeHead(module)
-            module.fused.eval()
-        return self
+        owners = [
+            module
+            for module in self.modules()
+            if not isinstance(module, PreTrainedModel) and callable(getattr(module, "fuse", None))
+        ]
+        for module in owners:
+            module.fuse()
+        return self.eval()
 
     def unfuse(self):
-        """Drops the deploy twins of `fuse()`: back to the straight port (trainable). Returns the model."""
+        """Drops the folds of `fuse()`: back to the straight port (trainable). Returns the model."""
         for module in self.modules():
-            if isinstance(module, (MetaSegStage, MetaSegDecodeHead)):
-                module.fused = None
+            if getattr(module, "folded", None) is not None:
+                module.folded = None
         return self
 
     @property
     def is_fused(self) -> bool:
-        """Whether `fuse()` switched this model to the inference-only deploy path."""
-        return any(getattr(module, "fused", None) is not None for module in self.modules())
+        """Whether `fuse()` switched this model to the inference-only deploy form."""
+        return any(getattr(module, "folded", None) is not None for module in self.modules())
 
     def train(self, mode: bool = True):
         """`nn.Module.train`, refused on a fused model (its folded weights cannot learn)."""

@@ -252,11 +252,12 @@ def depthwise_conv2d_gelu(
     block_sizes: tuple[int, int] = (0, 0),
 ) -> torch.Tensor:
     """`F.gelu(depthwise_conv2d(...))` (exact GELU), as in the MLP of an MSCAN block; the Triton kernel applies the
-    GELU to the float32 sums before rounding. Arguments as `depthwise_conv2d`."""
+    GELU to the float32 sums before rounding, the others through `activation_on_map`. Arguments as
+    `depthwise_conv2d`."""
     implementation = _resolve(implementation, x, lambda: triton_unsupported_reason(x, weight, padding, bias))
     if implementation == "triton":
         return _triton_depthwise(x, weight, bias, True, block_sizes)
-    return F.gelu(depthwise_conv2d(x, weight, bias, padding, implementation))
+    return activation_on_map(F.gelu, depthwise_conv2d(x, weight, bias, padding, implementation))
 
 
 def msca_spatial(
@@ -306,6 +307,16 @@ def msca_spatial(
         # A new tensor for the first sum (`attention` is still needed), in place after it.
         multi_scale = multi_scale + strip if multi_scale is attention else multi_scale.add_(strip)
     return multi_scale
+
+
+def activation_on_map(activation, hidden_states: torch.Tensor) -> torch.Tensor:
+    """An element-wise activation of a (B, C, H, W) map. A channels_last map goes through its
+    contiguous (B, H, W, C) view: PyTorch's CPU GELU runs ~1.8x faster there than on the
+    channels_last tensor itself (equal up to rounding: the two take different vectorised paths);
+    other maps are passed as they are."""
+    if hidden_states.is_contiguous() or not hidden_states.is_contiguous(memory_format=torch.channels_last):
+        return activation(hidden_states)
+    return activation(hidden_states.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 def resolve_auto(x: torch.Tensor) -> str:

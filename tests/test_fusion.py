@@ -83,7 +83,7 @@ def test_mlp_channel_chunks_change_nothing(monkeypatch, chunk_bytes):
     pixel_values = torch.randn(1, 3, 97, 64)
     expected = all_outputs(model, pixel_values)[0]
     monkeypatch.setattr(fusion_metaseg, "MLP_CHUNK_BYTES", chunk_bytes)
-    assert len(fusion_metaseg._channel_chunks(pixel_values.new_empty(1, 8, 25, 16), 64)) == (4 if chunk_bytes else 1)
+    assert len(fusion_metaseg.channel_chunks(pixel_values.new_empty(1, 8, 25, 16), 64)) == (4 if chunk_bytes else 1)
     assert torch.allclose(all_outputs(model.fuse(), pixel_values)[0], expected, rtol=1e-4, atol=1e-4)
 
 
@@ -142,7 +142,7 @@ def test_a_fused_model_refuses_to_train_until_unfused():
         model.train()
     assert not model.training
     model.eval()  # train(False) stays allowed
-    for module in model.modules():  # around every guard: the deploy twins still refuse a training-mode forward
+    for module in model.modules():  # around every guard: the folded modules still refuse a training-mode forward
         module.training = True
     with pytest.raises(RuntimeError, match=r"fused for inference.*cannot run in training mode"):
         model(torch.randn(1, 3, 64, 64))
@@ -209,7 +209,7 @@ def test_depthwise_implementation_is_a_validated_config_field():
     model = randomised_model(tiny_config())
     pixel_values = torch.randn(1, 3, 64, 96)
     expected = all_outputs(model, pixel_values)
-    model.config.depthwise_implementation = "stencil"  # read at each call, by the port and the fused twins
+    model.config.depthwise_implementation = "stencil"  # read at each call, by the port and the fused model
     for outputs in (all_outputs(model, pixel_values), all_outputs(model.fuse(), pixel_values)):
         assert all(torch.allclose(got, want, rtol=1e-4, atol=1e-4) for got, want in zip(outputs, expected))
 

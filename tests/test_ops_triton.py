@@ -294,6 +294,55 @@ def test_triton_ops_are_registered_custom_ops(triton_interpreter):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# A whole model on the Triton kernels: the straight port (forward and every gradient) and the fused model
+
+
+def test_a_model_on_the_triton_kernels_matches_the_library_straight_and_fused(triton_interpreter, monkeypatch):
+    from helpers import tiny_config
+    from metaseg_hf import MetaSegForSemanticSegmentation
+
+    torch.manual_seed(0)
+    config = tiny_config(hidden_sizes=[8, 8, 8, 8], decoder_hidden_size=8, attention_strip_sizes=[3, 5, 7])
+    model = MetaSegForSemanticSegmentation(config).eval()
+    with torch.no_grad():  # non-trivial biases, norms and layer scales (the initialisation hides wrong folds)
+        for parameter in model.parameters():
+            parameter.add_(0.2 * torch.randn_like(parameter))
+    pixel_values, labels = torch.randn(1, 3, 57, 64), torch.randint(0, config.num_labels, (1, 57, 64))
+
+    def run(implementation):
+        model.config.depthwise_implementation = implementation
+        model.zero_grad()
+        outputs = model(pixel_values, labels=labels)
+        outputs.loss.backward()
+        gradients = {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+        return outputs.logits.detach(), gradients
+
+    calls = []
+    for name in ("_triton_msca", "_triton_depthwise"):
+        original = getattr(ops_metaseg, name)
+        monkeypatch.setattr(ops_metaseg, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    expected, expected_gradients = run("library")
+    assert not calls
+    logits, gradients = run("triton")
+    assert sorted(calls) == ["_triton_depthwise"] * 4 + ["_triton_msca"] * 4  # one MSCA and one MLP per block
+    assert (logits - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
+    for name, gradient in gradients.items():  # float32 both: bounded by their rounding through the network
+        scale = expected_gradients[name].abs().max().item()
+        assert (gradient - expected_gradients[name]).abs().max().item() <= 1e-4 * scale, f"gradient of {name}"
+
+    model.fuse()
+    calls.clear()
+    with torch.no_grad():
+        fused = model(pixel_values).logits
+    assert sorted(calls) == ["_triton_depthwise"] * 4 + ["_triton_msca"] * 4  # the fused MLP's 3x3 + GELU too
+    with torch.no_grad():
+        model.config.depthwise_implementation = "library"
+        fused_library = model(pixel_values).logits
+    assert (fused - fused_library).abs().max().item() <= 1e-4 * expected.abs().max().item()
+    assert (fused - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The GPU benchmark script, on CPU: arguments and the no-CUDA message only
 
 
