@@ -28,6 +28,7 @@ from transformers.utils.generic import can_return_tuple
 from .configuration_metaseg import MetaSegConfig
 from .fusion_metaseg import (
     FoldedConv,
+    FoldedLinear,
     FoldedTensors,
     batch_norm_affine,
     channel_chunks,
@@ -168,8 +169,7 @@ class MetaSegMultiScaleConvAttention(nn.Module):
             [strip.bias for strip in self.vertical_strips],
             self.config.depthwise_implementation,
         )
-        mixed = self.channel_mixer(multi_scale)
-        return mixed * hidden_states if torch.is_grad_enabled() else mixed.mul_(hidden_states)  # in place: inference
+        return self.channel_mixer(multi_scale) * hidden_states
 
 
 class MetaSegSpatialAttention(nn.Module):
@@ -393,7 +393,7 @@ class MetaSegChannelReductionAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch_size, num_tokens, channels = hidden_states.shape
-        query = self.query(hidden_states) if self.folded is None else F.linear(hidden_states, self.folded.query)
+        query = (self.query if self.folded is None else self.folded)(hidden_states)
         query = query.transpose(1, 2).unsqueeze(-1)  # (B, heads, N, 1)
         feature_map = tokens_to_map(hidden_states, height, width, official_strides=self.folded is None)
         pooled = self.reduction(self.pool(feature_map)).flatten(2).transpose(1, 2)  # (B, M, C)
@@ -408,11 +408,14 @@ class MetaSegChannelReductionAttention(nn.Module):
 
     def fuse(self) -> None:
         """Folds the softmax scale into the query weight."""
-        self.folded = FoldedTensors(self.query.weight.dtype, query=self.query.weight.double() * self.scale)
+        self.folded = FoldedLinear(self.query.weight.dtype, self.query.weight.double() * self.scale)
 
 
 class MetaSegDecoderMlp(nn.Module):
-    """Global Meta Block MLP on the map: 1x1 conv (C -> rC), GELU, dropout, 1x1 conv, dropout. No depthwise conv."""
+    """Global Meta Block MLP: 1x1 conv (C -> rC), GELU, dropout, 1x1 conv, dropout. No depthwise conv.
+
+    (B, C, H, W) map -> (B, C, H, W); fused (`fuse`), (B, N, C) tokens -> (B, N, C), the convolutions as linears.
+    """
 
     def __init__(self, config: MetaSegConfig, channels: int):
         super().__init__()
@@ -421,10 +424,17 @@ class MetaSegDecoderMlp(nn.Module):
         self.activation = ACT2FN[config.hidden_act]
         self.fc2 = nn.Conv2d(hidden_channels, channels, 1)
         self.dropout = nn.Dropout(config.decoder_hidden_dropout_prob)
+        self.folded = None  # set by `fuse()`
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.dropout(self.activation(self.fc1(hidden_states)))
-        return self.dropout(self.fc2(hidden_states))
+        fc1, fc2 = (self.fc1, self.fc2) if self.folded is None else self.folded
+        hidden_states = self.dropout(self.activation(fc1(hidden_states)))
+        return self.dropout(fc2(hidden_states))
+
+    def fuse(self) -> None:
+        """The 1x1 convolutions as linears on tokens (no map views or copies around them)."""
+        dtype = self.fc1.weight.dtype
+        self.folded = nn.ModuleList(FoldedLinear(dtype, *matrix(conv)) for conv in (self.fc1, self.fc2))
 
 
 class MetaSegGlobalMetaBlock(GradientCheckpointingLayer):
@@ -447,8 +457,12 @@ class MetaSegGlobalMetaBlock(GradientCheckpointingLayer):
         tokens = feature_map.flatten(2).transpose(1, 2)  # (B, N, C)
         attended, attention = self.attention(self.layernorm_before(tokens), height, width)
         tokens = tokens + self.drop_path(attended)
-        normed = tokens_to_map(self.layernorm_after(tokens), height, width, official_strides)
-        tokens = tokens + self.drop_path(self.mlp(normed).flatten(2).transpose(1, 2))
+        normed = self.layernorm_after(tokens)
+        if self.mlp.folded is None:  # the official 1x1 convolutions on the map
+            transformed = self.mlp(tokens_to_map(normed, height, width, official_strides)).flatten(2).transpose(1, 2)
+        else:  # fused: the same, as linears on the tokens
+            transformed = self.mlp(normed)
+        tokens = tokens + self.drop_path(transformed)
         return tokens_to_map(tokens, height, width, official_strides), attention
 
 
@@ -477,7 +491,7 @@ class MetaSegDecodeHead(nn.Module):
         self.activation = nn.ReLU()
         self.dropout = nn.Dropout2d(config.classifier_dropout_prob)
         self.classifier = MetaSegClassifier(config.decoder_hidden_size, config.num_labels, 1)
-        self.folded = None  # set by `fuse()`: linear_fuse with the BatchNorm, one 1x1 convolution per input stage
+        self.folded = None  # set by `fuse()`: linear_fuse with the BatchNorm, one linear map per input stage
 
     def forward(self, encoder_hidden_states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         decoder_inputs = encoder_hidden_states[1:]
@@ -486,16 +500,16 @@ class MetaSegDecodeHead(nn.Module):
         for index, (block, feature_map) in enumerate(zip(self.global_meta_blocks, decoder_inputs)):
             feature_map, attention = block(feature_map)
             attentions += (attention,)
-            if self.folded is not None:  # this stage's part of linear_fuse, applied before the resize (they commute)
-                feature_map = self.folded[index](feature_map)
+            if self.folded is not None:  # this stage's part of linear_fuse, before the resize (they commute), on NHWC
+                feature_map = self.folded[index](feature_map.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
             if index > 0:  # the later stages are smaller (an index, not a shape test: traced graphs keep no guard)
                 feature_map = F.interpolate(feature_map, size=target_size, mode="bilinear", align_corners=False)
             resized.append(feature_map)
         if self.folded is None:
             hidden_states = self.batch_norm(self.linear_fuse(torch.cat(resized[::-1], dim=1)))
-        else:
-            hidden_states = resized[0]
-            for feature_map in resized[1:]:
+        else:  # summed into the first resized map, a tensor of this forward's own (0 + 1 = 1 + 0 exactly)
+            hidden_states = resized[0] if len(resized) == 1 else resized[1].add_(resized[0])
+            for feature_map in resized[2:]:
                 hidden_states = hidden_states.add_(feature_map)
         hidden_states = self.dropout(activation_on_map(self.activation, hidden_states))
         # NCHW logits also from a channels_last model: the loss's resize and log-softmax over classes
@@ -503,15 +517,15 @@ class MetaSegDecodeHead(nn.Module):
         return self.classifier(hidden_states).contiguous(), attentions
 
     def fuse(self) -> None:
-        """`linear_fuse` and its BatchNorm as one 1x1 convolution per input stage (its column blocks; the
-        maps are concatenated last stage first), the bias on the first."""
+        """`linear_fuse` and its BatchNorm as one linear map per input stage, on the NHWC view of its map (its
+        column blocks; the maps are concatenated last stage first), the bias on the first."""
         scale, shift = batch_norm_affine(self.batch_norm)
         weight = matrix(self.linear_fuse)[0] * scale[:, None]
         widths = [block.attention.value.weight.shape[0] for block in self.global_meta_blocks]
         blocks = torch.split(weight, widths[::-1], dim=1)[::-1]
+        dtype = self.linear_fuse.weight.dtype
         self.folded = nn.ModuleList(
-            FoldedConv.pointwise(self.linear_fuse, block, shift if index == 0 else None)
-            for index, block in enumerate(blocks)
+            FoldedLinear(dtype, block, shift if index == 0 else None) for index, block in enumerate(blocks)
         )
 
 

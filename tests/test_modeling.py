@@ -179,6 +179,34 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert torch.allclose(parameter.grad, grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["port", "fused"])
+def test_forward_hooks_see_the_same_outputs_with_and_without_autograd(tiny_model, fused):
+    """Feature extraction with hooks under `torch.no_grad()`: no module's output is changed in place
+    after its hooks ran (an in-place gate or sum would differ between the two modes)."""
+    model = tiny_model.fuse() if fused else tiny_model
+    pixel_values = torch.randn(1, 3, 64, 72)
+    recorded = {}
+
+    def record(name):
+        return lambda module, inputs, output: recorded.setdefault(name, []).append(
+            output.detach() if isinstance(output, torch.Tensor) else None  # kept by reference, as users do
+        )
+
+    handles = [module.register_forward_hook(record(name)) for name, module in model.named_modules() if name]
+    with torch.no_grad():
+        model(pixel_values)
+    with torch.enable_grad():
+        model(pixel_values)
+    for handle in handles:
+        handle.remove()
+    assert len(recorded) > 40
+    for name, outputs in recorded.items():  # some modules (drop path, dropout) run more than once per forward
+        half = len(outputs) // 2
+        for without_grad, with_grad in zip(outputs[:half], outputs[half:], strict=True):
+            assert (without_grad is None) == (with_grad is None), name
+            assert without_grad is None or torch.equal(without_grad, with_grad), name
+
+
 def test_initialisation_follows_the_official_scheme():
     torch.manual_seed(0)
     model = MetaSegForSemanticSegmentation(MetaSegConfig.from_preset("metaseg-t-ade20k"))
