@@ -107,6 +107,12 @@ class FoldedConv(nn.Module):
         """A 1x1 convolution from an (O, I) matrix."""
         return cls(conv, weight[:, :, None, None], bias)
 
+    @classmethod
+    def after_affine(cls, conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> "FoldedConv":
+        """conv(scale * x + shift) for a 1x1 `conv` with a bias, as one 1x1 convolution (scale, shift (I,), float64)."""
+        weight, bias = matrix(conv)
+        return cls.pointwise(conv, weight * scale, bias + weight @ shift)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         check_inference(self)
         hidden_states = F.conv2d(hidden_states, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)

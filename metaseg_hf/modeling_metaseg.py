@@ -196,8 +196,7 @@ class MetaSegSpatialAttention(nn.Module):
         """Folds the affine map `input_scale * x + input_shift` in front of it (the block's BatchNorm) into
         `proj_in`, and `layer_scale` and the shortcut's `layer_scale * input_shift` into `proj_out`; the
         shortcut's `layer_scale * input_scale * x` is the block's. All (C,), float64."""
-        weight, bias = matrix(self.proj_in)
-        proj_in = FoldedConv.pointwise(self.proj_in, weight * input_scale, bias + weight @ input_shift)
+        proj_in = FoldedConv.after_affine(self.proj_in, input_scale, input_shift)
         weight, bias = matrix(self.proj_out)
         proj_out = FoldedConv.pointwise(self.proj_out, weight * layer_scale[:, None], layer_scale * (bias + input_shift))
         self.folded = nn.ModuleList([proj_in, proj_out])
@@ -244,8 +243,7 @@ class MetaSegConvMlp(nn.Module):
     def fold(self, input_scale: torch.Tensor, input_shift: torch.Tensor, layer_scale: torch.Tensor) -> None:
         """Folds the affine map `input_scale * x + input_shift` in front of it (the block's BatchNorm) into
         `fc1` and `layer_scale` behind it into `fc2`. All (C,), float64."""
-        weight, bias = matrix(self.fc1)
-        fc1 = FoldedConv.pointwise(self.fc1, weight * input_scale, bias + weight @ input_shift)
+        fc1 = FoldedConv.after_affine(self.fc1, input_scale, input_shift)
         weight, bias = matrix(self.fc2)
         fc2 = FoldedConv.pointwise(self.fc2, weight * layer_scale[:, None], bias * layer_scale)
         self.folded = nn.ModuleList([fc1, fc2])
