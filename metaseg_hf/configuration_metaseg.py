@@ -2,10 +2,13 @@
 
 from transformers.backbone_utils import BackboneConfigMixin
 from transformers.configuration_utils import PretrainedConfig
+from transformers.utils import logging
 
 from .image_io import IGNORE_INDEX
 from .ops_metaseg import IMPLEMENTATIONS
 from .presets import VARIANTS, variant_config_kwargs
+
+logger = logging.get_logger(__name__)
 
 INFERENCE_MODES = ("whole", "slide")
 LOSS_AVERAGES = ("valid_pixels", "all_pixels")
@@ -60,7 +63,11 @@ class MetaSegConfig(BackboneConfigMixin, PretrainedConfig):
         inference_mode (`str`, defaults to `"whole"`): the official test mode, `"whole"` or `"slide"`.
         sliding_window_size (`int`, *optional*): window side in `"slide"` mode.
         sliding_window_stride (`int`, *optional*): window stride in `"slide"` mode.
-        palette (`list[list[int]]`, *optional*): an RGB colour per class, for drawing segmentations.
+        palette (`list[list[int]]`, *optional*): an RGB colour per class, for drawing segmentations. It
+            belongs to the classes: when the labels change to another number of classes (`id2label` or
+            `num_labels` set on the config, or passed to `from_pretrained` to fine-tune a converted
+            checkpoint), the palette is dropped and drawings use generated colours; a saved config whose
+            palette does not fit its labels loads without it (with a warning).
         depthwise_implementation (`str`, defaults to `"auto"`): how the encoder's depthwise convolutions
             run (`metaseg_hf.ops_metaseg`): `"library"` (`F.conv2d`), `"stencil"` (shifted-slice sums that
             Inductor fuses), `"triton"` (the Triton kernels, CUDA only, not yet measured on a GPU), or
@@ -136,7 +143,6 @@ class MetaSegConfig(BackboneConfigMixin, PretrainedConfig):
         self.inference_mode = inference_mode
         self.sliding_window_size = sliding_window_size
         self.sliding_window_stride = sliding_window_stride
-        self.palette = [list(colour) for colour in palette] if palette is not None else None
         self.depthwise_implementation = depthwise_implementation
         self._validate()
         self.num_stages = len(self.depths)
@@ -155,11 +161,46 @@ class MetaSegConfig(BackboneConfigMixin, PretrainedConfig):
                 )
             if not self.label2id:
                 self.label2id = {name: index for index, name in self.id2label.items()}
+        # Set after the labels, so that `__setattr__` only drops it for later label changes.
+        self.palette = [list(colour) for colour in palette] if palette is not None else None
         if self.palette is not None and len(self.palette) != self.num_labels:
             raise ValueError(
-                f"Inconsistent MetaSegConfig: palette has {len(self.palette)} colours but num_labels = {self.num_labels}"
+                f"Inconsistent MetaSegConfig: palette has {len(self.palette)} colours but num_labels = {self.num_labels}; "
+                "give one colour per class, or palette=None for generated colours"
             )
         self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
+
+    def __setattr__(self, key, value):
+        # The palette colours the classes it was made for: a new label set with another number of classes
+        # (`config.id2label = ...`, `config.num_labels = ...`, or those passed to `from_pretrained`) drops it.
+        super().__setattr__(key, value)
+        if key == "id2label" and value is not None:
+            palette = self.__dict__.get("palette")
+            if palette is not None and len(palette) != len(value):
+                logger.info(f"MetaSegConfig: the {len(palette)}-colour palette is dropped for the {len(value)} new labels")
+                super().__setattr__("palette", None)
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """`PretrainedConfig.from_dict`, where the labels may change (`num_labels` / `id2label` passed to
+        `from_pretrained`): a saved palette is kept only when it fits the resulting labels, so that a
+        fine-tuned model always loads (also one saved with the old classes' palette)."""
+        config_dict = dict(config_dict)
+        palette = config_dict.pop("palette", None)
+        result = super().from_dict(config_dict, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
+        if palette is not None and "palette" not in kwargs:
+            if len(palette) == config.num_labels:
+                config.palette = [list(colour) for colour in palette]
+            elif "num_labels" in kwargs or "id2label" in kwargs:  # asked for: a new label set
+                logger.info(f"MetaSegConfig: the {len(palette)}-colour palette is dropped for the new labels")
+            else:
+                logger.warning(
+                    f"MetaSegConfig: the saved palette has {len(palette)} colours but the model has {config.num_labels} "
+                    "labels; it is dropped (segmentations are drawn with generated colours). Set config.palette "
+                    "to one colour per class to keep your own."
+                )
+        return result
 
     def _validate(self):
         errors = []

@@ -75,8 +75,6 @@ def build_model(
         from transformers import AutoConfig, AutoModelForSemanticSegmentation
 
         config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code, token=token)
-        if getattr(config, "model_type", None) == "metaseg" and config.palette is not None and len(config.palette) != len(id2label):
-            config.palette = None  # the palette belongs to the old classes
         config.id2label, config.label2id = id2label, label2id
         for key, value in config_overrides.items():
             setattr(config, key, value)
