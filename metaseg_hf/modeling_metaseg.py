@@ -172,10 +172,11 @@ class MetaSegMultiScaleConvAttention(nn.Module):
         return self.channel_mixer(multi_scale) * hidden_states
 
 
-class MetaSegSpatialAttention(nn.Module):
+class MetaSegSpatialAttention(GradientCheckpointingLayer):
     """The attention half of an MSCAN block: 1x1 conv, GELU, MSCA gate, 1x1 conv, plus its input.
 
-    (B, C, H, W) -> (B, C, H, W). Folded (`fold`), the shortcut is left to the block.
+    (B, C, H, W) -> (B, C, H, W). Folded (`fold`), the shortcut is left to the block. With gradient
+    checkpointing it is recomputed in the backward pass; it holds no running state (see `MetaSegMscanBlock`).
     """
 
     def __init__(self, config: MetaSegConfig, channels: int):
@@ -202,8 +203,9 @@ class MetaSegSpatialAttention(nn.Module):
         self.folded = nn.ModuleList([proj_in, proj_out])
 
 
-class MetaSegConvMlp(nn.Module):
-    """MSCAN feed-forward: 1x1 conv, depthwise 3x3 conv, GELU, 1x1 conv. (B, C, H, W) -> (B, C, H, W)."""
+class MetaSegConvMlp(GradientCheckpointingLayer):
+    """MSCAN feed-forward: 1x1 conv, depthwise 3x3 conv, GELU, 1x1 conv. (B, C, H, W) -> (B, C, H, W).
+    With gradient checkpointing it is recomputed in the backward pass (its wide hidden map is not kept)."""
 
     def __init__(self, config: MetaSegConfig, channels: int, hidden_channels: int):
         super().__init__()
@@ -249,8 +251,11 @@ class MetaSegConvMlp(nn.Module):
         self.folded = nn.ModuleList([fc1, fc2])
 
 
-class MetaSegMscanBlock(GradientCheckpointingLayer):
-    """MSCAN block: x + ls1 * SpatialAttention(BN(x)), then x + ls2 * MLP(BN(x)). (B, C, H, W) -> same."""
+class MetaSegMscanBlock(nn.Module):
+    """MSCAN block: x + ls1 * SpatialAttention(BN(x)), then x + ls2 * MLP(BN(x)). (B, C, H, W) -> same.
+
+    Gradient checkpointing recomputes the attention and the MLP, not the block: a recomputed BatchNorm in
+    train mode would update its running statistics a second time in every step."""
 
     def __init__(self, config: MetaSegConfig, channels: int, mlp_ratio: int, drop_path_rate: float):
         super().__init__()

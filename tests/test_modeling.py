@@ -159,24 +159,31 @@ def test_output_settings_follow_the_config_as_in_transformers():
     assert MetaSegBackbone(tiny_config(out_features=["stage2"]))(pixel_values, return_dict=False)[0][0].shape[1] == 16
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_gradient_checkpointing_in_train_mode_gives_the_same_step():
+    """A training step with gradient checkpointing equals one without, BatchNorm in train mode: the same
+    gradients, and every running statistic updated once (a recomputed BatchNorm would update it twice)."""
+    config = tiny_config(drop_path_rate=0.0, decoder_drop_path_rate=0.0, decoder_hidden_dropout_prob=0.0,
+                         classifier_dropout_prob=0.0)
     torch.manual_seed(0)
-    model = MetaSegForSemanticSegmentation(tiny_config(drop_path_rate=0.0, decoder_drop_path_rate=0.0,
-                                                       decoder_hidden_dropout_prob=0.0, classifier_dropout_prob=0.0))
-    model.eval()  # BatchNorm statistics fixed so both passes see the same function
+    plain = MetaSegForSemanticSegmentation(config).train()
+    checkpointed = MetaSegForSemanticSegmentation(config).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.activation_checkpointing_enable()
+    layers = [module for module in checkpointed.modules() if getattr(module, "gradient_checkpointing", False)]
+    assert layers and not any(isinstance(m, torch.nn.BatchNorm2d) for layer in layers for m in layer.modules())
     pixel_values, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 5, (2, 64, 64))
-    model(pixel_values, labels=labels).loss.backward()
-    expected = [parameter.grad.clone() for parameter in model.parameters()]
-    model.zero_grad()
-    model.activation_checkpointing_enable()
-    model.train()
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.eval()
-    assert any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
-    model(pixel_values, labels=labels).loss.backward()
-    for parameter, grad in zip(model.parameters(), expected, strict=True):
-        assert torch.allclose(parameter.grad, grad, atol=1e-6)
+    for model in (plain, checkpointed):
+        model(pixel_values, labels=labels).loss.backward()
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+    for (name, parameter), other in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(other.grad, parameter.grad, rtol=0, atol=1e-6, msg=name)
+    for (name, buffer), other in zip(plain.named_buffers(), checkpointed.buffers(), strict=True):
+        if name.endswith("num_batches_tracked"):
+            assert buffer.item() == other.item() == 1, name
+        torch.testing.assert_close(other, buffer, rtol=0, atol=1e-6, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(checkpointed.eval()(pixel_values).logits, plain.eval()(pixel_values).logits,
+                                   rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["port", "fused"])
