@@ -219,7 +219,17 @@ def _pil_to_array(image: Image.Image, name: str, convert_rgb: bool) -> np.ndarra
 
 
 def read_image(image, name: str, input_data_format=None, convert_rgb: bool = True, num_channels: int = 3) -> torch.Tensor:
-    """One input image as the model's preprocessing reads it: a contiguous (H, W, C) uint8 tensor on the CPU.
+    """One input image as the model's preprocessing reads it: a contiguous (H, W, C) uint8 tensor on the CPU
+    (see `read_image_and_scale`)."""
+    return read_image_and_scale(image, name, input_data_format, convert_rgb, num_channels)[0]
+
+
+def read_image_and_scale(
+    image, name: str, input_data_format=None, convert_rgb: bool = True, num_channels: int = 3
+) -> tuple[torch.Tensor, bool]:
+    """One input image as the model's preprocessing reads it: a contiguous (H, W, C) uint8 tensor on the CPU,
+    and whether the input held floats in [0, 1] (already rescaled, in Transformers' terms), which the
+    8-bit values multiply by 255.
 
     With `convert_rgb` (C = 3, the official pipeline): PIL images get their EXIF orientation applied;
     RGBA/LA/PA lose their alpha channel (not composited, like OpenCV's colour read); grey, palette, CMYK,
@@ -267,11 +277,12 @@ def read_image(image, name: str, input_data_format=None, convert_rgb: bool = Tru
             f"(the length of image_mean / image_std) and do_convert_rgb=False feeds an image's own channels. Pass "
             f"{num_channels}-channel images" + (", or use do_convert_rgb=True for RGB." if num_channels == 3 else ".")
         )
+    unit_floats = bool(np.issubdtype(array.dtype, np.floating))
     array = _to_uint8(array[:, :, :3] if convert_rgb else array, name)
     tensor = torch.from_numpy(np.ascontiguousarray(array) if array.flags.writeable else np.array(array))
     if convert_rgb and channels == 1:
         tensor = tensor.expand(-1, -1, 3)
-    return tensor.contiguous()
+    return tensor.contiguous(), unit_floats
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -334,6 +345,7 @@ __all__ = [
     "exif_transpose",
     "open_image_file",
     "read_image",
+    "read_image_and_scale",
     "read_label",
     "reduce_zero_label",
 ]

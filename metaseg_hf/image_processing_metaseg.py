@@ -22,7 +22,16 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import ChannelDimension, PILImageResampling, SizeDict, validate_preprocess_arguments
 from transformers.processing_utils import ImagesKwargs, Unpack
 
-from .image_io import EXPECTED_IMAGE, EXPECTED_MAP, IGNORE_INDEX, describe, read_image, read_label, reduce_zero_label
+from .image_io import (
+    EXPECTED_IMAGE,
+    EXPECTED_MAP,
+    IGNORE_INDEX,
+    describe,
+    read_image,
+    read_image_and_scale,
+    read_label,
+    reduce_zero_label,
+)
 from .inference_metaseg import logits_to_prediction, resize_logits, segment
 from .presets import DATASETS, IMAGE_MEAN, IMAGE_STD
 from .resize_opencv import opencv_linear_resize, opencv_nearest_resize, resize_steps
@@ -131,6 +140,15 @@ def channel_count(image_mean, image_std) -> int:
 # ----------------------------------------------------------------------------------------------------
 
 
+def rescale_of_8_bit_values(unit_floats: bool, do_rescale: bool, rescale_factor: float) -> tuple[bool, float]:
+    """`(do_rescale, rescale_factor)` for the 8-bit values an image is read as. Float images in [0, 1] are
+    already rescaled (Transformers' convention for `do_rescale=False`); read as 8 bits (x 255), they are
+    rescaled back by 1/255 whatever `do_rescale` says, so they give the uint8 image's pixel_values."""
+    if do_rescale:
+        return True, rescale_factor
+    return (True, 1 / 255) if unit_floats else (False, rescale_factor)
+
+
 def normalization_constants(do_rescale, rescale_factor, do_normalize, image_mean, image_std, device, num_channels=3):
     """The float32 `(subtract, divide)`, each (num_channels, 1, 1), of `pixel_values = (uint8 - subtract) / divide`.
 
@@ -203,7 +221,10 @@ class MetaSegImageProcessor(BaseImageProcessor):
         resample (`PILImageResampling`, *optional*, defaults to `BILINEAR`):
             Only `BILINEAR` (meaning OpenCV's INTER_LINEAR on uint8) is implemented.
         do_rescale (`bool`, *optional*, defaults to `True`), rescale_factor (`float`, defaults to 1/255):
-            Multiply the 0-255 values by `rescale_factor`.
+            Multiply the 0-255 values by `rescale_factor`. Float images in [0, 1] are already rescaled: they
+            give the pixel_values of the same image in uint8 whether `do_rescale` is True or False (with
+            False, Transformers' convention that the input is on the rescaled scale; uint8 images are then
+            normalised as 0-255 values).
         do_normalize (`bool`, *optional*, defaults to `True`), image_mean, image_std (one float per channel):
             ImageNet statistics on the 0-1 scale (`metaseg_hf.presets.IMAGE_MEAN` / `IMAGE_STD`); their length
             is the number of channels (`num_channels`, 3 for single floats).
@@ -287,7 +308,17 @@ class MetaSegImageProcessor(BaseImageProcessor):
     def read_image(self, image, input_data_format=None) -> torch.Tensor:
         """One image as this processor reads it, at its original size: a (H, W, C) uint8 tensor, C =
         `num_channels` (RGB unless `do_convert_rgb=False`; EXIF orientation applied)."""
-        return read_image(image, "image", input_data_format, self.do_convert_rgb is not False, self.num_channels)
+        return self.read_image_and_overrides(image, input_data_format)[0]
+
+    def read_image_and_overrides(self, image, input_data_format=None) -> tuple[torch.Tensor, dict]:
+        """`read_image`, and the settings that preprocessing the 8-bit result needs to give the pixel_values
+        of `image` itself (a float image in [0, 1] with `do_rescale=False` is rescaled back by 1/255)."""
+        pixels, unit_floats = read_image_and_scale(
+            image, "image", input_data_format, self.do_convert_rgb is not False, self.num_channels
+        )
+        do_rescale, rescale_factor = rescale_of_8_bit_values(unit_floats, self.do_rescale, self.rescale_factor)
+        overrides = {} if do_rescale == self.do_rescale else {"do_rescale": do_rescale, "rescale_factor": rescale_factor}
+        return pixels, overrides
 
     def to_rgb(self, image, input_data_format=None) -> torch.Tensor:
         """One image as 8-bit RGB at its original size, for display: a (H, W, 3) uint8 tensor (EXIF
@@ -461,7 +492,9 @@ class MetaSegImageProcessor(BaseImageProcessor):
         names = ["images" if len(images) == 1 else f"images[{i}]" for i in range(len(images))]
         channels = channel_count(image_mean, image_std)
         convert_rgb = do_convert_rgb is not False
-        read = [read_image(image, name, input_data_format, convert_rgb, channels) for image, name in zip(images, names)]
+        read, unit_floats = zip(
+            *(read_image_and_scale(image, name, input_data_format, convert_rgb, channels) for image, name in zip(images, names))
+        )
         labels = None
         if segmentation_maps is not None:
             labels = _load_segmentation_maps(segmentation_maps, read, do_reduce_labels)
@@ -469,9 +502,13 @@ class MetaSegImageProcessor(BaseImageProcessor):
         sizes = [step[-1] if step else tuple(image.shape[:2]) for step, image in zip(steps, read)]
         canvas = _canvas_size(sizes, do_pad, pad_size, return_tensors)
 
-        subtract, divide = normalization_constants(
-            do_rescale, rescale_factor, do_normalize, image_mean, image_std, device, num_channels=channels
-        )
+        constants = {
+            scaled: normalization_constants(
+                *rescale_of_8_bit_values(scaled, do_rescale, rescale_factor), do_normalize, image_mean, image_std,
+                device, num_channels=channels,
+            )
+            for scaled in set(unit_floats)
+        }
         batch = len(read)
         if canvas is not None:
             padded = any(s != canvas for s in sizes)
@@ -490,6 +527,7 @@ class MetaSegImageProcessor(BaseImageProcessor):
             image = image.to(device) if device is not None else image
             for height, width in image_steps:
                 image = opencv_linear_resize(image, height, width)
+            subtract, divide = constants[unit_floats[i]]
             torch.sub(image.permute(2, 0, 1), subtract, out=outputs[i]).div_(divide)
             if labels is not None:
                 label = labels[i].to(device) if device is not None else labels[i]

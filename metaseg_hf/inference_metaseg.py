@@ -290,15 +290,18 @@ def count_forward_passes(
     return total * (2 if flip else 1)
 
 
-def preprocess_scales(image_processor, image, scales=(1.0,), input_data_format=None) -> list[torch.Tensor]:
+def preprocess_scales(image_processor, image, scales=(1.0,), input_data_format=None, **settings) -> list[torch.Tensor]:
     """One image's `pixel_values`, (1, C, h, w), at each test-time scale: the processor's resize box
-    scaled by each ratio (MMSegmentation's MultiScaleFlipAug; 1.0 is the processor's own size)."""
+    scaled by each ratio (MMSegmentation's MultiScaleFlipAug; 1.0 is the processor's own size).
+    `settings` are processor settings for this call (e.g. from `read_image_and_overrides`)."""
     if not scales or any(ratio <= 0 for ratio in scales):
         raise ValueError(f"scales must be positive resize ratios, got {scales!r}")
     batches = []
     for ratio in scales:
         overrides = {"size": _scaled_size(image_processor.size, ratio)} if ratio != 1.0 else {}
-        inputs = image_processor(images=image, input_data_format=input_data_format, return_tensors="pt", **overrides)
+        inputs = image_processor(
+            images=image, input_data_format=input_data_format, return_tensors="pt", **settings, **overrides
+        )
         batches.append(inputs["pixel_values"])
     return batches
 
@@ -328,8 +331,8 @@ def segment(
         raise ValueError("segment() got an empty list of images")
     predictions = []
     for image in images:
-        read = image_processor.read_image(image)
-        batches = preprocess_scales(image_processor, read, scales, input_data_format="channels_last")
+        read, settings = image_processor.read_image_and_overrides(image)
+        batches = preprocess_scales(image_processor, read, scales, input_data_format="channels_last", **settings)
         predictions += predict(
             model, batches, original_sizes=[tuple(read.shape[:2])], mode=mode, window_size=window_size,
             window_stride=window_stride, flip=flip, window_batch_size=window_batch_size,

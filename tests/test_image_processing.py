@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from helpers import OFFICIAL_MEAN, OFFICIAL_STD, TINY_DIR, official_normalisation, sha256_of, tiny_config
+from metaseg_hf import MetaSegForSemanticSegmentation
 from metaseg_hf.image_processing_metaseg import LOGITS_STRIDE, MetaSegImageProcessor
 from metaseg_hf.presets import DATASETS, IMAGE_MEAN, IMAGE_STD, VARIANTS, variant_image_processor_kwargs
 from metaseg_hf.resize_opencv import opencv_linear_resize
@@ -170,6 +171,25 @@ def test_rescale_and_normalize_switches():
     assert torch.equal(raw[0], torch.from_numpy(image).permute(2, 0, 1).float())
     rescaled = pixels(MetaSegImageProcessor(), image, do_resize=False, do_normalize=False)
     assert torch.allclose(rescaled, raw / 255)
+
+
+def test_float_images_in_unit_range_are_already_rescaled():
+    """Transformers' convention: with do_rescale=False a float image in [0, 1] is on the rescaled scale, so it
+    gives the pixel_values of the same image in uint8 (not 255 times them); uint8 images are then normalised
+    as 0-255 values. `segment()` with such a processor reads floats the same way."""
+    image = random_rgb(64, 80)
+    unit = image.astype(np.float32) / 255
+    expected = pixels(MetaSegImageProcessor(), image)
+    no_rescale = MetaSegImageProcessor(do_rescale=False)
+    assert torch.equal(pixels(no_rescale, unit), expected)
+    assert torch.equal(pixels(no_rescale, [unit, image])[0], expected[0])  # per image, in a mixed batch
+    assert torch.equal(pixels(MetaSegImageProcessor(), unit), expected)
+    assert pixels(no_rescale, image).max() > 100  # uint8, not rescaled: 0-255 values normalised
+    torch.manual_seed(0)
+    model = MetaSegForSemanticSegmentation(tiny_config()).eval()
+    from_float = no_rescale.segment(model, unit, return_probabilities=True)[0]
+    from_uint8 = MetaSegImageProcessor().segment(model, image, return_probabilities=True)[0]
+    assert torch.equal(from_float.probabilities, from_uint8.probabilities)
 
 
 # ------------------------------------------------------------------------------------------------
