@@ -550,8 +550,29 @@ def minimum_input_size(config: MetaSegConfig) -> int:
     return side
 
 
-def check_pixel_values(pixel_values: torch.Tensor, config: MetaSegConfig, needs_decoder: bool) -> None:
-    """Raises a `ValueError` naming the problem when `pixel_values` cannot go through the network."""
+def check_on_device(condition: torch.Tensor, message: str, error=None) -> None:
+    """Fails unless every element of the boolean tensor `condition` is true, without making the host wait.
+
+    On CPU in eager mode the value is read (nothing to wait for) and `error()` (default: a `ValueError`
+    with `message`) is raised. On an accelerator, or while `torch.compile` traces, it is
+    `torch._assert_async`: no device-to-host synchronisation and no graph break; a failure surfaces as a
+    device-side assertion (`RuntimeError` on CPU) carrying `message`.
+    """
+    if condition.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(condition.all()):
+            raise error() if error is not None else ValueError(message)
+        return
+    torch._assert_async(condition.all(), message)
+
+
+def check_pixel_values(
+    pixel_values: torch.Tensor, config: MetaSegConfig, needs_decoder: bool, check_values: bool = True
+) -> None:
+    """Raises a `ValueError` naming the problem when `pixel_values` cannot go through the network.
+
+    `check_values`: also refuse NaN / infinite values (`check_on_device`; skipped while `torch.compile` or
+    `torch.export` traces, so exported graphs carry no assertion). The segmentation model leaves that to
+    `MetaSegModel`, so that a forward checks the values once."""
     if not isinstance(pixel_values, torch.Tensor):
         raise TypeError(f"pixel_values must be a torch.Tensor of shape (batch, {config.num_channels}, height, width), got {type(pixel_values).__name__}")
     if pixel_values.ndim != 4:
@@ -571,10 +592,11 @@ def check_pixel_values(pixel_values: torch.Tensor, config: MetaSegConfig, needs_
             f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}; normalise the image with "
             "MetaSegImageProcessor"
         )
-    if not torch.compiler.is_compiling() and not torch.isfinite(pixel_values).all():
-        raise ValueError(
+    if check_values and not torch.compiler.is_compiling():
+        check_on_device(
+            torch.isfinite(pixel_values),
             "pixel_values contains NaN or infinite values; the outputs would be NaN. Check how the image was "
-            "decoded and normalised (MetaSegImageProcessor refuses such images)."
+            "decoded and normalised (MetaSegImageProcessor refuses such images).",
         )
     if needs_decoder:
         minimum = minimum_input_size(config)
@@ -803,7 +825,7 @@ class MetaSegForSemanticSegmentation(MetaSegPreTrainedModel):
             Class ids in `[0, num_labels)` or `config.semantic_loss_ignore_index`. The logits are
             upsampled bilinearly to the label size and the cross-entropy is taken in float32.
         """
-        check_pixel_values(pixel_values, self.config, needs_decoder=True)
+        check_pixel_values(pixel_values, self.config, needs_decoder=True, check_values=False)  # values: in MetaSegModel
         # The decoder reads every stage, so they are always computed; `filter_output_hidden_states`
         # drops them from the output unless asked for. The attention maps are a by-product as well.
         stage_outputs = self.metaseg(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
@@ -839,15 +861,25 @@ class MetaSegForSemanticSegmentation(MetaSegPreTrainedModel):
             raise TypeError(f"labels must hold integer class ids, got dtype {labels.dtype}")
         labels = labels.long()
         num_classes = 2 if self.config.num_labels == 1 else self.config.num_labels
-        invalid = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-        if invalid.any():
-            found = torch.unique(labels[invalid]).tolist()
+        valid = (labels == ignore_index) | ((labels >= 0) & (labels < num_classes))
+        advice = (
+            f"Map them to class ids or to {ignore_index} (for ADE20K-style labels where 0 means 'other', use "
+            "do_reduce_labels=True in the image processor)."
+        )
+
+        def named_error():  # on CPU, the values are named
+            found = torch.unique(labels[~valid]).tolist()
             shown = ", ".join(map(str, found[:10])) + (", ..." if len(found) > 10 else "")
-            raise ValueError(
+            return ValueError(
                 f"labels contain values outside [0, {num_classes}) that are not the ignore index {ignore_index}: "
-                f"{shown}. Map them to class ids or to {ignore_index} (for ADE20K-style labels where 0 means "
-                "'other', use do_reduce_labels=True in the image processor)."
+                f"{shown}. {advice}"
             )
+
+        check_on_device(
+            valid,
+            f"labels contain values outside [0, {num_classes}) that are not the ignore index {ignore_index}. {advice}",
+            named_error,
+        )
         with torch.autocast(device_type=logits.device.type, enabled=False):
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)

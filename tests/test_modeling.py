@@ -94,6 +94,31 @@ def test_labels_out_of_range_are_named(tiny_model):
         tiny_model(torch.randn(1, 3, 64, 64), labels=labels)
 
 
+def test_the_input_is_checked_once_per_forward(tiny_model, monkeypatch):
+    """One `isfinite` pass over pixel_values per forward (each is a host synchronisation on a GPU)."""
+    calls = []
+    isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda tensor: calls.append(tuple(tensor.shape)) or isfinite(tensor))
+    tiny_model(torch.randn(1, 3, 64, 64), labels=torch.zeros(1, 64, 64, dtype=torch.long))
+    assert calls == [(1, 3, 64, 64)]
+
+
+def test_the_loss_compiles_as_one_graph_and_still_refuses_bad_labels(tiny_model):
+    """The label check is an assertion on the device, not a data-dependent branch: `torch.compile(fullgraph=True)`
+    traces the loss in one graph (no host synchronisation), and out-of-range labels still fail with the message."""
+    logits = torch.randn(2, 5, 8, 8)
+    labels = torch.randint(0, 5, (2, 64, 64))
+    labels[:, :4] = 255
+    compiled = torch.compile(tiny_model.semantic_segmentation_loss, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(logits, labels), tiny_model.semantic_segmentation_loss(logits, labels))
+    labels[0, 10, 10] = 9
+    with pytest.raises(RuntimeError, match=r"labels contain values outside \[0, 5\)"):
+        compiled(logits, labels)
+    training = torch.compile(tiny_model.train(), fullgraph=True, backend="eager")  # a whole training forward
+    labels[0, 10, 10] = 1
+    assert torch.isfinite(training(torch.randn(2, 3, 64, 64), labels=labels).loss)
+
+
 def test_loss_matches_a_direct_computation_and_ignores_255(tiny_model):
     torch.manual_seed(1)
     pixel_values = torch.randn(2, 3, 64, 80)
