@@ -13,6 +13,7 @@ from transformers import (
 )
 from transformers.models.auto import modeling_auto
 
+from . import pipeline_metaseg
 from .configuration_metaseg import MetaSegConfig
 from .image_processing_metaseg import MetaSegImageProcessor
 from .modeling_metaseg import (
@@ -39,6 +40,9 @@ MetaSegForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegm
 MetaSegBackbone.register_for_auto_class("AutoBackbone")
 MetaSegImageProcessor.register_for_auto_class("AutoImageProcessor")
 
+
+# pipeline("image-segmentation") with batch_size > 1 over photos of different sizes (pipeline_metaseg.py).
+pipeline_metaseg.register()
 
 # Transformers behaviour: pipeline("image-segmentation") checks the model class against the *names* of
 # Transformers' own segmentation models, not registered ones, and logs "not supported" otherwise.

@@ -208,7 +208,10 @@ class MetaSegImageProcessor(BaseImageProcessor):
 
     Batches of images with different processed sizes are padded at the bottom and right to the largest
     processed height and width (or to `pad_size`): `pixel_values` with 0, `labels` with 255 (ignored by
-    the loss). `post_process_semantic_segmentation` crops the padding away again.
+    the loss). `post_process_semantic_segmentation` crops the padding away again. Padding is not neutral
+    for MetaSeg (Channel Reduction Attention pools over the whole canvas): the model's logits on a padded
+    batch are those of each padded canvas; `model.predict(pixel_values, input_sizes=processed_sizes)` runs
+    each image on its own region and gives what the image alone gives.
 
     Args:
         do_resize (`bool`, *optional*, defaults to `True`):

@@ -219,7 +219,9 @@ def predict(
     flip are averaged, as MMSegmentation's multi-scale test does.
     mode: "whole" or "slide" (default: the model config's official test mode, with its window).
     original_sizes: (H, W) per image to resize to (default: the input size). input_sizes: the valid
-    (h, w) of each image in a padded batch (default: the whole input; one scale only). flip: horizontal-flip TTA.
+    (h, w) of each image in a padded batch (default: the whole input; one scale only): the network runs on
+    each image's valid region (one forward per distinct size), so a padded batch gives what each image
+    alone gives. flip: horizontal-flip TTA.
     """
     batches = list(pixel_values) if isinstance(pixel_values, (list, tuple)) else [pixel_values]
     if not batches:
@@ -240,13 +242,20 @@ def predict(
             f"Got {batch_size} images but {len(input_sizes or [])} input_sizes and {len(original_sizes)} original_sizes"
         )
     per_image_maps = [[] for _ in range(batch_size)]
+    # A padded batch runs as one forward per valid size, on the images' own regions: padding would change the
+    # logits of real pixels (Channel Reduction Attention pools over the whole canvas).
+    groups = {}
+    for index, size in enumerate(input_sizes if input_sizes is not None else [(height, width)] * batch_size):
+        groups.setdefault((int(size[0]), int(size[1])), []).append(index)
     for batch in batches:
-        maps = _augmented_logit_maps(
-            model, batch, flip, mode=mode, window_size=window_size, window_stride=window_stride,
-            window_batch_size=window_batch_size,
-        )
-        for image_maps, new_maps in zip(per_image_maps, maps):
-            image_maps += new_maps
+        for (valid_h, valid_w), indices in groups.items():
+            group = batch if len(indices) == batch_size else batch[indices]
+            maps = _augmented_logit_maps(
+                model, group[:, :, :valid_h, :valid_w], flip, mode=mode, window_size=window_size,
+                window_stride=window_stride, window_batch_size=window_batch_size,
+            )
+            for index, new_maps in zip(indices, maps):
+                per_image_maps[index] += new_maps
     predictions = []
     for index, (maps, original_size) in enumerate(zip(per_image_maps, original_sizes)):
         if input_sizes is not None:

@@ -82,16 +82,57 @@ def test_banded_resize_equals_a_full_resize():
     assert torch.allclose(single.probabilities_max, full.max(0).values, atol=1e-6)
 
 
-def test_padded_batch_crops_each_images_valid_region(tiny_model):
-    padded = torch.randn(2, 3, 96, 112)
-    batched = predict(tiny_model, padded, original_sizes=[(128, 160), (96, 112)], input_sizes=[(64, 80), (96, 112)])
-    with torch.no_grad():
-        logits = F.interpolate(tiny_model(padded).logits, size=(96, 112), mode="bilinear", align_corners=False)
-    expected = F.interpolate(logits[:1, :, :64, :80], size=(128, 160), mode="bilinear", align_corners=False)[0]
-    assert batched[0].segmentation.shape == (128, 160)
-    assert torch.equal(batched[0].segmentation, expected.argmax(0))
-    with pytest.raises(ValueError, match=r"2 images but 1 input_sizes"):
+def test_a_padded_batch_gives_what_each_image_alone_gives(tiny_model):
+    """Padding changes the logits of real pixels (Channel Reduction Attention pools over the whole canvas),
+    so each image of a padded batch runs on its own valid region: the same prediction as the image alone."""
+    padded = torch.randn(3, 3, 96, 112)
+    input_sizes = [(64, 80), (96, 112), (64, 80)]
+    original_sizes = [(128, 160), (96, 112), (70, 90)]
+    batched = predict(tiny_model, padded, original_sizes=original_sizes, input_sizes=input_sizes,
+                      return_probabilities=True)
+    for index, ((height, width), original_size) in enumerate(zip(input_sizes, original_sizes)):
+        alone = predict(tiny_model, padded[index : index + 1, :, :height, :width].contiguous(),
+                        original_sizes=[original_size], return_probabilities=True)[0]
+        assert batched[index].segmentation.shape == original_size
+        torch.testing.assert_close(batched[index].probabilities, alone.probabilities, rtol=0, atol=1e-5)
+        assert (batched[index].segmentation == alone.segmentation).float().mean() > 0.999
+    with torch.no_grad():  # the padded forward differs (what predict must not return)
+        whole_canvas = F.interpolate(tiny_model(padded[:1]).logits, size=(96, 112), mode="bilinear", align_corners=False)
+    crop = F.interpolate(whole_canvas[:, :, :64, :80], size=(128, 160), mode="bilinear", align_corners=False)[0]
+    assert not torch.allclose(crop.softmax(0), batched[0].probabilities, atol=1e-3)
+    with pytest.raises(ValueError, match=r"3 images but 1 input_sizes"):
         predict(tiny_model, padded, input_sizes=[(64, 80)])
+
+
+def test_mixed_size_photos_batched_through_the_processor_and_the_pipeline(tiny_model, tmp_path):
+    """A 75x100 and a 100x75 photo (processed 64x88 and 88x64): `predict` on the processor's padded batch
+    and `pipeline(..., batch_size=2)` return what one-at-a-time calls return (Transformers' own pipeline
+    would stop in its collate with "Sizes of tensors must match")."""
+    import numpy as np
+    from PIL import Image
+    from transformers import pipeline
+
+    from metaseg_hf import MetaSegImageProcessor
+
+    processor = MetaSegImageProcessor(size={"shortest_edge": 64, "longest_edge": 256}, size_divisor=8)
+    rng = np.random.default_rng(0)
+    photos = [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for shape in [(75, 100, 3), (100, 75, 3)]]
+    alone = processor.segment(tiny_model, photos, return_probabilities=True)
+    inputs = processor(photos, return_processed_sizes=True)
+    assert inputs["pixel_values"].shape == (2, 3, 88, 88)
+    batched = tiny_model.predict(inputs["pixel_values"], original_sizes=[(75, 100), (100, 75)],
+                                 input_sizes=inputs["processed_sizes"].tolist(), return_probabilities=True)
+    for one, other in zip(alone, batched, strict=True):
+        torch.testing.assert_close(other.probabilities, one.probabilities, rtol=0, atol=1e-5)
+
+    tiny_model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    segmenter = pipeline("image-segmentation", model=str(tmp_path))
+    for single, together in zip([segmenter(photo) for photo in photos], segmenter(photos, batch_size=2), strict=True):
+        masks = {segment["label"]: np.array(segment["mask"]) for segment in single}
+        assert {segment["label"]: np.array(segment["mask"]) for segment in together}.keys() == masks.keys()
+        for segment in together:
+            assert np.array_equal(np.array(segment["mask"]), masks[segment["label"]])
 
 
 def test_slide_mode_needs_a_window(tiny_model):
