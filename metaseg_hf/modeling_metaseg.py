@@ -369,13 +369,21 @@ def tokens_to_map(tokens: torch.Tensor, height: int, width: int, official_stride
     return tokens.transpose(1, 2).reshape(batch_size, channels, height, width)
 
 
+def use_attention_kernel(query: torch.Tensor, output_attentions: bool) -> bool:
+    """Whether Channel Reduction Attention runs as `F.scaled_dot_product_attention`: on accelerators when
+    the attention maps are not asked for. On CPU the explicit rank-1 softmax is 1.5-2.4x faster than SDPA
+    (`benchmarks/bench_attention.py`, MetaSeg-T's decoder stages at 512x704)."""
+    return not output_attentions and query.device.type != "cpu"
+
+
 class MetaSegChannelReductionAttention(nn.Module):
     """Channel Reduction Attention (CRA).
 
     Queries and keys are one scalar per head (`query`, `key`: C -> heads); values are full width.
     Keys and values come from the map average-pooled by `pool_ratio` (floor), a 1x1 conv, LayerNorm
     and GELU. Tokens (B, N, C) with N = H * W -> (B, N, C), and the attention maps
-    (B, heads, N, M) for the M pooled tokens.
+    (B, heads, N, M) for the M pooled tokens (None where `use_attention_kernel` runs the attention as
+    `F.scaled_dot_product_attention`, which does not materialise them).
     """
 
     def __init__(self, config: MetaSegConfig, channels: int, num_heads: int, pool_ratio: int):
@@ -394,7 +402,9 @@ class MetaSegChannelReductionAttention(nn.Module):
         self.proj = nn.Linear(channels, channels)
         self.folded = None  # set by `fuse()`: the query weight with the scale folded in
 
-    def forward(self, hidden_states: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, hidden_states: torch.Tensor, height: int, width: int, output_attentions: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, num_tokens, channels = hidden_states.shape
         query = (self.query if self.folded is None else self.folded)(hidden_states)
         query = query.transpose(1, 2).unsqueeze(-1)  # (B, heads, N, 1)
@@ -403,11 +413,22 @@ class MetaSegChannelReductionAttention(nn.Module):
         pooled = self.activation(self.layer_norm(pooled))
         key = self.key(pooled).transpose(1, 2).unsqueeze(-2)  # (B, heads, 1, M)
         value = self.value(pooled).reshape(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        context, attention = self.attend(query, key, value, fused_kernel=use_attention_kernel(query, output_attentions))
+        return self.proj(context.transpose(1, 2).reshape(batch_size, num_tokens, channels)), attention
+
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, fused_kernel: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """softmax(scale * query key^T) value for query (B, heads, N, 1), key (B, heads, 1, M), value
+        (B, heads, M, head_dim): the context (B, heads, N, head_dim) and the attention maps (B, heads, N, M),
+        or, with `fused_kernel`, `F.scaled_dot_product_attention` and None (same values to float rounding)."""
+        scale = 1.0 if self.folded is not None else self.scale  # fused: the scale is in the query weight
+        if fused_kernel:
+            return F.scaled_dot_product_attention(query, key.transpose(-1, -2), value, scale=scale), None
         # Rank-1 logits: a broadcast product, equal to `query @ key^T` (inner size 1) without the matmul.
         logits = query * key if self.folded is not None else (query * key) * self.scale
         attention = logits.softmax(dim=-1)  # (B, heads, N, M)
-        context = (attention @ value).transpose(1, 2).reshape(batch_size, num_tokens, channels)
-        return self.proj(context), attention
+        return attention @ value, attention
 
     def fuse(self) -> None:
         """Folds the softmax scale into the query weight."""
@@ -454,11 +475,11 @@ class MetaSegGlobalMetaBlock(GradientCheckpointingLayer):
         self.mlp = MetaSegDecoderMlp(config, channels)
         self.drop_path = MetaSegDropPath(config.decoder_drop_path_rate)
 
-    def forward(self, feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, feature_map: torch.Tensor, output_attentions: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         height, width = feature_map.shape[-2:]
         official_strides = self.attention.folded is None  # fused: channels_last views (see `tokens_to_map`)
         tokens = feature_map.flatten(2).transpose(1, 2)  # (B, N, C)
-        attended, attention = self.attention(self.layernorm_before(tokens), height, width)
+        attended, attention = self.attention(self.layernorm_before(tokens), height, width, output_attentions)
         tokens = tokens + self.drop_path(attended)
         normed = self.layernorm_after(tokens)
         if self.mlp.folded is None:  # the official 1x1 convolutions on the map
@@ -496,12 +517,14 @@ class MetaSegDecodeHead(nn.Module):
         self.classifier = MetaSegClassifier(config.decoder_hidden_size, config.num_labels, 1)
         self.folded = None  # set by `fuse()`: linear_fuse with the BatchNorm, one linear map per input stage
 
-    def forward(self, encoder_hidden_states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    def forward(
+        self, encoder_hidden_states: tuple[torch.Tensor, ...], output_attentions: bool = True
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
         decoder_inputs = encoder_hidden_states[1:]
         target_size = decoder_inputs[0].shape[-2:]
         resized, attentions = [], ()
         for index, (block, feature_map) in enumerate(zip(self.global_meta_blocks, decoder_inputs)):
-            feature_map, attention = block(feature_map)
+            feature_map, attention = block(feature_map, output_attentions)
             attentions += (attention,)
             if self.folded is not None:  # this stage's part of linear_fuse, before the resize (they commute), on NHWC
                 feature_map = self.folded[index](feature_map.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -827,13 +850,13 @@ class MetaSegForSemanticSegmentation(MetaSegPreTrainedModel):
         """
         check_pixel_values(pixel_values, self.config, needs_decoder=True, check_values=False)  # values: in MetaSegModel
         # The decoder reads every stage, so they are always computed; `filter_output_hidden_states`
-        # drops them from the output unless asked for. The attention maps are a by-product as well.
+        # drops them from the output unless asked for. The attention maps are a by-product (on CPU).
         stage_outputs = self.metaseg(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
-        logits, attentions = self.decode_head(stage_outputs)
-        loss = self.semantic_segmentation_loss(logits, labels) if labels is not None else None
         output_attentions = kwargs.get("output_attentions")
         if output_attentions is None:
             output_attentions = self.config.output_attentions
+        logits, attentions = self.decode_head(stage_outputs, bool(output_attentions))
+        loss = self.semantic_segmentation_loss(logits, labels) if labels is not None else None
         return SemanticSegmenterOutput(
             loss=loss, logits=logits, hidden_states=stage_outputs, attentions=attentions if output_attentions else None
         )

@@ -7,7 +7,14 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import ATTENTION_KEYS, STAGE_KEYS, run_reference_batch, tiny_config
-from metaseg_hf import MetaSegBackbone, MetaSegConfig, MetaSegForSemanticSegmentation, MetaSegModel, minimum_input_size
+from metaseg_hf import (
+    MetaSegBackbone,
+    MetaSegConfig,
+    MetaSegForSemanticSegmentation,
+    MetaSegModel,
+    minimum_input_size,
+    modeling_metaseg,
+)
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +216,23 @@ def test_gradient_checkpointing_in_train_mode_gives_the_same_step():
     with torch.no_grad():
         torch.testing.assert_close(checkpointed.eval()(pixel_values).logits, plain.eval()(pixel_values).logits,
                                    rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["port", "fused"])
+def test_channel_reduction_attention_as_sdpa_equals_the_explicit_softmax(tiny_model, monkeypatch, fused):
+    """Where the attention maps are not asked for on an accelerator, CRA is `F.scaled_dot_product_attention`
+    (forced here on CPU): the same logits as the explicit path, and no attention maps are made."""
+    model = tiny_model.double()
+    model = model.fuse() if fused else model
+    pixel_values = torch.randn(2, 3, 64, 72, dtype=torch.float64)
+    with torch.no_grad():
+        explicit = model(pixel_values, output_attentions=True)
+        monkeypatch.setattr(modeling_metaseg, "use_attention_kernel", lambda query, output_attentions: not output_attentions)
+        kernel = model(pixel_values)
+        again = model(pixel_values, output_attentions=True)
+    assert kernel.attentions is None and len(again.attentions) == 3
+    torch.testing.assert_close(kernel.logits, explicit.logits, rtol=0, atol=1e-12)
+    assert torch.equal(again.logits, explicit.logits)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["port", "fused"])
