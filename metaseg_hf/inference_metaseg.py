@@ -256,13 +256,10 @@ def predict(
             )
             for index, new_maps in zip(indices, maps):
                 per_image_maps[index] += new_maps
-    predictions = []
-    for index, (maps, original_size) in enumerate(zip(per_image_maps, original_sizes)):
-        if input_sizes is not None:
-            valid_h, valid_w = input_sizes[index]
-            maps = [logits[:, :valid_h, :valid_w] for logits in maps]
-        predictions.append(logits_to_prediction(maps, tuple(original_size), return_probabilities))
-    return predictions
+    return [
+        logits_to_prediction(maps, tuple(original_size), return_probabilities)
+        for maps, original_size in zip(per_image_maps, original_sizes)
+    ]
 
 
 def _scaled_size(size, ratio: float) -> dict:

@@ -10,6 +10,7 @@ pipeline unchanged. Importing `metaseg_hf` makes it the implementation of the "i
 """
 
 import torch
+from torch.utils.data import DataLoader
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.image_segmentation import ImageSegmentationPipeline
 
@@ -45,7 +46,13 @@ class MetaSegImageSegmentationPipeline(ImageSegmentationPipeline):
             inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params
         )
         if self._is_metaseg() and batch_size > 1:
-            iterator.loader.loader.collate_fn = _keep_images_apart  # the DataLoader under the model iterator
+            dataloader = getattr(getattr(iterator, "loader", None), "loader", None)  # under the model iterator
+            if not isinstance(dataloader, DataLoader):
+                raise RuntimeError(
+                    "MetaSegImageSegmentationPipeline does not know this Transformers version's pipeline iterator; "
+                    "photos of different sizes cannot be batched: call the pipeline with batch_size=1."
+                )
+            dataloader.collate_fn = _keep_images_apart
         return iterator
 
     def _forward(self, model_inputs):
