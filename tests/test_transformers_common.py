@@ -63,14 +63,14 @@ class MetaSegModelTester:
         self.num_channels = num_channels
         self.num_labels = num_labels
         self.is_training = is_training
-        self.hidden_sizes = [8, 16, 16, 32]
+        self.hidden_sizes = list(tiny_config().hidden_sizes)
         self.num_hidden_layers = len(self.hidden_sizes)  # stages, of one block each
         self.expected_num_hidden_layers = len(self.hidden_sizes)  # one hidden state per stage, no embedding output
         self.out_features = ["stage2", "stage3", "stage4"]
 
     def get_config(self, **overrides):
         overrides = {"num_channels": self.num_channels, "num_labels": self.num_labels, **overrides}
-        return tiny_config(hidden_sizes=self.hidden_sizes, **overrides)
+        return tiny_config(**overrides)
 
     def prepare_config_and_inputs(self):
         pixel_values = torch.randn(self.batch_size, self.num_channels, self.image_size, self.image_size)
