@@ -15,7 +15,7 @@ from transformers.models.auto import modeling_auto
 
 from . import pipeline_metaseg
 from .configuration_metaseg import MetaSegConfig
-from .image_processing_metaseg import MetaSegImageProcessor
+from .image_processing_metaseg import BACKENDS, MetaSegImageProcessor
 from .modeling_metaseg import (
     MetaSegBackbone,
     MetaSegForSemanticSegmentation,
@@ -31,7 +31,9 @@ AutoConfig.register(MetaSegConfig.model_type, MetaSegConfig, exist_ok=True)
 AutoModel.register(MetaSegConfig, MetaSegModel, exist_ok=True)
 AutoModelForSemanticSegmentation.register(MetaSegConfig, MetaSegForSemanticSegmentation, exist_ok=True)
 AutoBackbone.register(MetaSegConfig, MetaSegBackbone, exist_ok=True)
-AutoImageProcessor.register(MetaSegConfig, MetaSegImageProcessor, exist_ok=True)
+AutoImageProcessor.register(
+    MetaSegConfig, image_processor_classes=dict.fromkeys(BACKENDS, MetaSegImageProcessor), exist_ok=True
+)
 
 # save_pretrained writes the code files and auto_map entries a Hub repo needs for trust_remote_code.
 MetaSegConfig.register_for_auto_class("AutoConfig")

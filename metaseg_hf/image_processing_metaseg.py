@@ -171,6 +171,11 @@ def normalization_constants(do_rescale, rescale_factor, do_normalize, image_mean
     return subtract.float().view(shape).to(device), divide.float().view(shape).to(device)
 
 
+# The image-processor backends that MetaSegImageProcessor serves (one class for both; see its docstring).
+# `AutoImageProcessor` and `pipeline()` ask for "torchvision" when torchvision is importable, else "pil".
+BACKENDS = ("torchvision", "pil")
+
+
 class MetaSegImageProcessor(BaseImageProcessor):
     r"""
     Prepares images (and segmentation maps) for MetaSeg and turns its logits into segmentation maps.
@@ -212,6 +217,17 @@ class MetaSegImageProcessor(BaseImageProcessor):
     for MetaSeg (Channel Reduction Attention pools over the whole canvas): the model's logits on a padded
     batch are those of each padded canvas; `model.predict(pixel_values, input_sizes=processed_sizes)` runs
     each image on its own region and gives what the image alone gives.
+
+    One class serves both of Transformers' image-processor backends (`BACKENDS`): it is registered, and
+    written into a saved folder's `auto_map`, as the `"torchvision"` and the `"pil"` processor, so
+    `AutoImageProcessor` and `pipeline()` load it without a fallback warning whether torchvision is
+    installed or not, and `backend=` gives the same `pixel_values`. It stays a `BaseImageProcessor` rather
+    than a subclass of Transformers' `TorchvisionBackend` because (1) that class requires torchvision
+    (`@requires(backends=("torch", "torchvision"))`: without it, it is a placeholder that raises on use),
+    and the processor must work where torchvision is absent or, as with pip's wheels beside the CPU build
+    of torch, cannot load; (2) its resize is torchvision's, which is not OpenCV's fixed-point bilinear
+    resize, and the official pipeline is reproduced bit for bit only by the torch code here. The
+    arithmetic is torch on uint8 tensors either way.
 
     Args:
         do_resize (`bool`, *optional*, defaults to `True`):
@@ -300,7 +316,7 @@ class MetaSegImageProcessor(BaseImageProcessor):
 
     @property
     def backend(self) -> str:
-        """`"pil"`: the backend that needs no torchvision (the arithmetic itself is torch on uint8)."""
+        """`"pil"`: this processor needs no torchvision (it serves both `BACKENDS`; the arithmetic is torch)."""
         return "pil"
 
     @property
@@ -336,13 +352,15 @@ class MetaSegImageProcessor(BaseImageProcessor):
         return segment(model, self, images, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        """The saved settings. The `auto_map` entry is written per backend (`{"pil": ...}`): Transformers
-        derives a video-processor class from a plain-string entry, and `pipeline()` would then stop to ask
-        whether to run that (non-existent) custom code, even for a locally registered model."""
+        """The saved settings. The `auto_map` entry is written per backend (`{"torchvision": ..., "pil": ...}`,
+        this class for each of `BACKENDS`): remote-code loading then finds the class for the backend it asks
+        for, and Transformers derives a video-processor class from a plain-string entry, after which
+        `pipeline()` would stop to ask whether to run that (non-existent) custom code, even for a locally
+        registered model."""
         output = super().to_dict()
         auto_map = output.get("auto_map")
         if isinstance(auto_map, dict) and isinstance(auto_map.get("AutoImageProcessor"), str):
-            output["auto_map"] = {**auto_map, "AutoImageProcessor": {"pil": auto_map["AutoImageProcessor"]}}
+            output["auto_map"] = {**auto_map, "AutoImageProcessor": dict.fromkeys(BACKENDS, auto_map["AutoImageProcessor"])}
         return output
 
     # ------------------------------------------------------------------ settings

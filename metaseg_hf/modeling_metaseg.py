@@ -22,7 +22,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithNoAttention, SemanticSegmenterOutput
 from transformers.modeling_utils import PreTrainedModel
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs
+from transformers.utils import TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_metaseg import MetaSegConfig
@@ -38,6 +38,8 @@ from .fusion_metaseg import (
 )
 from .inference_metaseg import SegmentationPrediction, predict
 from .ops_metaseg import activation_on_map, depthwise_conv2d, depthwise_conv2d_gelu, msca_spatial
+
+logger = logging.get_logger(__name__)
 
 
 def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
@@ -604,9 +606,15 @@ def check_pixel_values(
             f"{tuple(pixel_values.shape)}; add a batch dimension with pixel_values[None] for a single image"
         )
     if pixel_values.shape[1] != config.num_channels:
+        fix = (
+            "convert the image to RGB (the image processor does)"
+            if config.num_channels == 3
+            else f"give {config.num_channels}-channel images (a MetaSegImageProcessor with {config.num_channels} "
+            "image_mean/image_std values and do_convert_rgb=False prepares them)"
+        )
         raise ValueError(
             f"pixel_values has {pixel_values.shape[1]} channels (shape {tuple(pixel_values.shape)}) but the model "
-            f"expects num_channels={config.num_channels}; convert the image to RGB (the image processor does)"
+            f"expects num_channels={config.num_channels}; {fix}"
         )
     if pixel_values.shape[0] == 0:
         raise ValueError(f"pixel_values is an empty batch (shape {tuple(pixel_values.shape)})")
@@ -647,12 +655,21 @@ class MetaSegPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, with Transformers' semantics and errors that name the problem.
 
-        As in Transformers: `output_loading_info=True` returns `(model, info)`; keys of other heads are
-        reported in `info["unexpected_keys"]` (and Transformers' load report), not raised; shapes that
-        disagree raise a `RuntimeError` unless `ignore_mismatched_sizes=True` (e.g. a new label set);
-        an encoder-only checkpoint loads into the segmentation model with the decoder initialised.
-        Refused, naming the file and keys: a truncated weights file, a file holding no MetaSeg weight at
-        all, and one with some encoder weights missing (the encoder would be partly random).
+        As in Transformers: `output_loading_info=True` returns `(model, info)`; missing, unexpected and
+        mismatched keys are listed in Transformers' load report and in `info`; weights missing from the
+        checkpoint are initialised by `_init_weights` (so `from_pretrained(None, config=config,
+        state_dict={})` gives a freshly initialised model, and an encoder-only checkpoint loads into the
+        segmentation model with the decoder initialised). On top of the report, a warning in MetaSeg's terms
+        when no MetaSeg tensor was found (a foreign or unconverted checkpoint) or encoder weights are missing
+        (the encoder would be partly random).
+
+        Why this override exists (SegFormer has none): two of Transformers 5's errors do not say what is
+        wrong. A truncated or corrupt `model.safetensors` raises safetensors' bare "Error while deserializing
+        header" without the file's name, here an `OSError` naming the file; shapes that disagree raise "look at
+        the above report", here a `RuntimeError` naming the keys, both shapes and the `ignore_mismatched_sizes`
+        fix (Transformers' report is still logged first). Transformers has no hook for either: the safetensors
+        files are opened inside `_load_pretrained_model` and the mismatch error is raised while the report is
+        logged. Nothing else is changed: the arguments go through to Transformers untouched.
         """
         from safetensors import SafetensorError
 
@@ -683,18 +700,18 @@ class MetaSegPreTrainedModel(PreTrainedModel):
         expected_keys = set(model.state_dict())
         if info["missing_keys"] >= expected_keys:
             unexpected = sorted(info["unexpected_keys"])
-            raise ValueError(
-                f"The weights of {source} are not MetaSeg weights for {cls.__name__}: none of its "
-                f"{len(expected_keys)} tensors was found; unexpected keys ({len(unexpected)}): "
-                f"{', '.join(unexpected[:10])}. Convert an official checkpoint with "
-                "conversion/convert_metaseg_to_hf.py, or load the folder that save_pretrained wrote."
+            logger.warning(
+                f"The weights of {source} are not MetaSeg weights for {cls.__name__}: none of the "
+                f"{len(expected_keys)} MetaSeg tensors was found (unexpected keys ({len(unexpected)}): "
+                f"{', '.join(unexpected[:10]) or 'none'}), so every weight is newly initialised. Convert an "
+                "official checkpoint with conversion/convert_metaseg_to_hf.py, or load the folder that "
+                "save_pretrained wrote."
             )
-        encoder_missing = sorted(key for key in info["missing_keys"] if "encoder." in key)
-        if encoder_missing:
-            raise ValueError(
-                f"The weights of {source} do not fit {cls.__name__}: missing encoder weights "
-                f"({len(encoder_missing)}): {', '.join(encoder_missing[:10])}. The file is incomplete; save or "
-                "convert the model again."
+        elif encoder_missing := sorted(key for key in info["missing_keys"] if "encoder." in key):
+            logger.warning(
+                f"The weights of {source} are incomplete for {cls.__name__}: missing encoder weights "
+                f"({len(encoder_missing)}): {', '.join(encoder_missing[:10])}, newly initialised, so the encoder "
+                "is partly random. Save or convert the model again."
             )
         return (model, info) if want_info else model
 

@@ -549,6 +549,11 @@ def test_a_model_with_other_than_three_channels_through_its_processor(num_channe
     assert loaded.num_channels == num_channels and loaded.do_convert_rgb is False
     assert torch.equal(loaded(image)["pixel_values"], inputs["pixel_values"])
 
+    # An RGB tensor given straight to a C-channel model: the fix named is C channels, not "convert to RGB".
+    with pytest.raises(ValueError, match=rf"expects num_channels={num_channels}; give {num_channels}-channel images") as error:
+        model(torch.randn(1, 3, 64, 64))
+    assert "RGB" not in str(error.value) and "do_convert_rgb=False" in str(error.value)
+
     wrong = random_rgb(60, 90)  # 3 channels for a C-channel processor
     with pytest.raises(ValueError, match=rf"has 3 channel\(s\), but the processor expects {num_channels} "):
         processor(wrong)

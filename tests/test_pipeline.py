@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import pipeline
 
-from helpers import BLOCK_METASEG_HF, make_hub_cache, run_python
+from helpers import BLOCK_METASEG_HF, REPO_ROOT, TINY_DIR, make_hub_cache, run_python
 
 # Reconstructs the class map from the pipeline's per-class masks (used inside subprocesses too).
 CLASS_MAP_FROM_SEGMENTS = textwrap.dedent(
@@ -24,6 +24,15 @@ CLASS_MAP_FROM_SEGMENTS = textwrap.dedent(
             result[mask] = label2id[segment["label"]]
         assert (result >= 0).all(), "masks leave pixels uncovered"
         return result
+    """
+)
+# Makes torchvision look importable to Transformers' choice of image-processor backend, so AutoImageProcessor and
+# pipeline() ask for the "torchvision" backend as on most users' machines (pip's torchvision wheels do not load
+# beside the CPU build of torch used here, so it cannot simply be installed).
+TORCHVISION_LOOKS_INSTALLED = textwrap.dedent(
+    """
+    from transformers.models.auto import image_processing_auto
+    image_processing_auto.is_torchvision_available = lambda: True
     """
 )
 namespace = {}
@@ -117,3 +126,43 @@ def test_pipeline_masks_cover_each_image_at_its_own_size(converted_dir):
               for seed, (h, w) in enumerate([(90, 160), (300, 120)])]
     for image, segments in zip(images, segmenter(images)):
         assert all(segment["mask"].size == image.size for segment in segments)
+
+
+@pytest.mark.parametrize("remote_code", [False, True], ids=["registered", "trust_remote_code"])
+def test_no_backend_fallback_warning_where_torchvision_is_installed(tiny_dir, tmp_path, remote_code):
+    """With torchvision importable, Transformers asks for the "torchvision" image-processor backend; MetaSeg's
+    processor serves it (registered, and in the converted folder's auto_map), so loading is quiet and every
+    backend gives the same, official, pixel_values and predictions."""
+    from metaseg_hf import MetaSegImageProcessor
+
+    with Image.open(TINY_DIR / "tiny-photo.png") as photo:
+        expected = MetaSegImageProcessor.from_pretrained(tiny_dir)(photo)["pixel_values"]
+    torch.save(expected, tmp_path / "expected.pt")
+    script = (BLOCK_METASEG_HF if remote_code else "import metaseg_hf\n") + TORCHVISION_LOOKS_INSTALLED
+    script += CLASS_MAP_FROM_SEGMENTS + textwrap.dedent(
+        f"""
+        import torch
+        from PIL import Image
+        from safetensors.torch import load_file
+        from transformers import AutoImageProcessor, pipeline
+        folder, kwargs = {str(tiny_dir)!r}, dict(trust_remote_code={remote_code})
+        photo = Image.open({str(TINY_DIR / "tiny-photo.png")!r})
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        for backend in (None, "torchvision", "pil"):
+            processor = AutoImageProcessor.from_pretrained(folder, backend=backend, **kwargs)
+            assert type(processor).__name__ == "MetaSegImageProcessor", type(processor)
+            assert type(processor).__module__.startswith("transformers_modules") == {remote_code}
+            assert torch.equal(processor(photo)["pixel_values"], expected), backend
+        segmenter = pipeline("image-segmentation", model=folder, **kwargs)
+        segments = segmenter(photo)
+        label2id = {{name: index for index, name in segmenter.model.config.id2label.items()}}
+        official = load_file({str(TINY_DIR / "tiny-photo-whole.safetensors")!r})["segmentation"][0].numpy()
+        print("agreement", (class_map(segments, label2id, official.shape) == official).mean())
+        """
+    )
+    # PYTHONPATH: the package under test, wherever another copy is installed.
+    environment = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": str(REPO_ROOT)}
+    result = run_python(script, environment)
+    assert float(result.stdout.split("agreement")[1]) >= 0.995
+    output = result.stdout + result.stderr
+    assert "backend is not available" not in output and "Falling back" not in output, output

@@ -8,6 +8,7 @@ test_modeling.py; datasets and killed training runs: test_data.py / test_train.p
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -61,11 +62,34 @@ def test_folder_without_weights_says_so(saved, tmp_path):
         MetaSegForSemanticSegmentation.from_pretrained(folder)
 
 
-def test_weights_of_another_architecture_are_refused(saved, tmp_path):
+def test_weights_of_another_architecture_load_with_every_weight_reported_missing(saved, tmp_path, caplog):
+    """Transformers' semantics (its common test `test_model_weights_reload_no_missing_tied_weights`): a foreign
+    checkpoint loads, every weight is reported missing and initialised; MetaSeg adds a warning with the fix."""
     folder = broken_copy(saved, tmp_path, "other")
     save_file({"conv1.weight": torch.zeros(64, 3, 7, 7)}, folder / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"(?s)not MetaSeg weights.*unexpected keys \(1\): conv1\.weight"):
-        MetaSegForSemanticSegmentation.from_pretrained(folder)
+    with caplog.at_level("WARNING", logger="metaseg_hf"):
+        model, info = MetaSegForSemanticSegmentation.from_pretrained(folder, output_loading_info=True)
+    assert info["missing_keys"] == set(model.state_dict()) and info["unexpected_keys"] == {"conv1.weight"}
+    assert all(torch.isfinite(tensor.float()).all() for tensor in model.state_dict().values())
+    assert re.search(
+        rf"not MetaSeg weights.*none of the {len(model.state_dict())} MetaSeg tensors was found.*unexpected keys "
+        r"\(1\): conv1\.weight.*conversion/convert_metaseg_to_hf\.py",
+        caplog.text,
+    ), caplog.text
+
+
+def test_an_empty_state_dict_gives_an_initialised_model(saved):
+    """Transformers' `from_pretrained(None, config=..., state_dict={})` (its `test_can_init_all_missing_weights`
+    also compares the values with `__init__`'s): every weight is initialised on the CPU, none left on meta."""
+    config = MetaSegConfig.from_pretrained(saved)
+    model = MetaSegForSemanticSegmentation.from_pretrained(None, config=config, state_dict={}).eval()
+    assert model.state_dict().keys() == MetaSegForSemanticSegmentation(config).state_dict().keys()
+    assert all(value.device.type == "cpu" for value in model.state_dict().values())
+    block = model.metaseg.encoder.stages[1].blocks[0]
+    assert torch.all(block.layer_scale_1 == config.layer_scale_init_value)
+    assert torch.all(block.norm2.running_var == 1)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 3, 64, 64)).logits).all()
 
 
 def test_one_tensor_of_the_wrong_shape_is_named(saved, tmp_path):
@@ -109,16 +133,23 @@ def test_changing_the_label_set_is_allowed_when_asked(saved):
     assert model.decode_head.classifier.out_channels == 3
 
 
-def test_missing_encoder_weights_are_refused_missing_decoder_is_fine(saved, tmp_path):
+def test_missing_encoder_weights_are_named_in_a_warning_missing_decoder_is_fine(saved, tmp_path, caplog):
     folder = broken_copy(saved, tmp_path, "partial")
     state_dict = load_file(folder / "model.safetensors")
     del state_dict["metaseg.encoder.stages.2.layer_norm.weight"]
     save_file(state_dict, folder / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"missing encoder weights \(1\): metaseg\.encoder\.stages\.2\.layer_norm\.weight"):
-        MetaSegForSemanticSegmentation.from_pretrained(folder)
+    with caplog.at_level("WARNING", logger="metaseg_hf"):
+        _, info = MetaSegForSemanticSegmentation.from_pretrained(folder, output_loading_info=True)
+    assert info["missing_keys"] == {"metaseg.encoder.stages.2.layer_norm.weight"}
+    assert re.search(
+        r"missing encoder weights \(1\): metaseg\.encoder\.stages\.2\.layer_norm\.weight.*partly random", caplog.text
+    ), caplog.text
+    caplog.clear()
     encoder_only = tmp_path / "encoder-only"
     MetaSegModel(tiny_config()).save_pretrained(encoder_only)
-    assert MetaSegForSemanticSegmentation.from_pretrained(encoder_only).decode_head is not None
+    with caplog.at_level("WARNING", logger="metaseg_hf"):
+        assert MetaSegForSemanticSegmentation.from_pretrained(encoder_only).decode_head is not None
+    assert not [record for record in caplog.records if record.name.startswith("metaseg_hf")], caplog.text
 
 
 def test_base_models_load_from_a_segmentation_checkpoint_without_unexpected_keys(saved):
