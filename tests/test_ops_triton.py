@@ -80,7 +80,8 @@ def test_unknown_implementation_names_the_choices():
 
 @pytest.mark.parametrize(
     "kernel_size, padding, with_bias",
-    [((3, 3), 1, True), ((5, 5), (2, 2), False), ((1, 7), (0, 3), True), ((21, 1), (10, 0), True), ((3, 3), 0, True)],
+    [((3, 3), 1, True), ((5, 5), (2, 2), False), ((1, 7), (0, 3), True), ((21, 1), (10, 0), True), ((3, 3), 0, True),
+     ((1, 21), (0, 10), False)],
 )
 def test_library_and_stencil_match_conv2d_in_float64(kernel_size, padding, with_bias):
     generator = torch.Generator().manual_seed(0)
