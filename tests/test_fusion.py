@@ -201,17 +201,6 @@ def test_batch_norm_fold_is_pytorchs(bias, affine):
     assert not list(folded.state_dict())  # non-persistent
 
 
-def test_auto_depthwise_convolutions_are_stencils_only_when_compiled_for_gpu_inference(monkeypatch):
-    cpu, gpu_like = torch.empty(1, 4, 8, 8), torch.empty(1, 4, 8, 8, device="meta")
-    with torch.no_grad():
-        assert ops_metaseg.resolve_auto(gpu_like) == "library"  # eager
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        assert ops_metaseg.resolve_auto(gpu_like) == "stencil"
-        assert ops_metaseg.resolve_auto(cpu) == "library"  # oneDNN's kernels are the fast ones there
-        assert ops_metaseg.resolve_auto(gpu_like.double()) == "library"
-    assert ops_metaseg.resolve_auto(gpu_like) == "library"  # autograd on: training compiles library kernels
-
-
 def test_depthwise_implementation_is_a_validated_config_field():
     with pytest.raises(ValueError, match=r"depthwise_implementation = 'cudnn': must be one of \('library', 'stencil'"):
         tiny_config(depthwise_implementation="cudnn")
