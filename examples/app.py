@@ -293,8 +293,8 @@ class SegmentationDemo:
         try:
             rgb = self.read_photo(state["photo"])
             segmentation = read_label(state["class_png"], "class_png")
-        except (PhotoError, ValueError) as error:
-            raise gr.Error(f"The last result is no longer on the server ({error}); segment the photo again.",
+        except ValueError as error:  # PhotoError included: the files expired (FILE_LIFETIME) or were removed
+            raise gr.Error("The last result is no longer on the server; segment the photo again.",
                            print_exception=False) from error
         return overlay_image(rgb, segmentation, self.palette, opacity)
 
