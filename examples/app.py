@@ -11,10 +11,15 @@ download (pixel value = class id, coloured with the model's palette). Controls: 
 without running the model again). Everything runs through the library's `segment()` and the
 pictures come from `metaseg_hf.visualization`, as `examples/segment.py` writes them.
 
-Uploads are checked before they are decoded: a photo over `--max_pixels` (from its header) or a file
-that is not a readable image gets a message in the page, and the app keeps serving. Each request
-writes its class-id PNG into its own temporary folder, and no result is kept between requests except
-in the person's own session (for the opacity slider). The same function is an API (what a Space
+Uploads are read by the library's `image_io` and checked before they are decoded: a photo over
+`--max_pixels` (from its header; this one limit replaces Pillow's decompression-bomb limit in the app's
+process) or a file that is not a readable image gets a message naming the file, and the app keeps serving.
+
+What the server serves and keeps: the example photos themselves (never the rest of their folders), the
+uploads and results Gradio caches, and per request a temporary folder holding its class-id PNG. Uploads,
+results and request folders are deleted after an hour (FILE_LIFETIME); all of it when the app exits. A
+session keeps only the paths of its last photo and class-id PNG (for the opacity slider, which reads them
+back), so memory does not grow with the number of sessions. The same function is an API (what a Space
 exposes), callable with `gradio_client`:
 
     from gradio_client import Client, handle_file
@@ -32,20 +37,27 @@ import signal
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before Gradio is imported: no telemetry, no version check
 
 import gradio as gr
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
 import metaseg_hf  # noqa: F401  (registers MetaSeg with the Auto classes)
+from metaseg_hf.image_io import ImageFileError, ImageTooLargeError, open_image_file, read_label
 from metaseg_hf.inference_metaseg import WINDOW_BATCH_SIZE, count_forward_passes, segment
+from metaseg_hf.presets import ARCHITECTURES
 from metaseg_hf.synthetic import save_example_image
-from metaseg_hf.visualization import class_fractions, class_map_image, class_palette, overlay_image
+from metaseg_hf.visualization import (
+    class_fractions,
+    class_map_image,
+    class_palette,
+    known_dataset,
+    overlay_image,
+)
 
 HOW_TO_GET_A_MODEL = """\
 examples/app.py needs a model: --model FOLDER_OR_HUB_ID. It trains nothing itself. To get one:
@@ -62,10 +74,42 @@ DEFAULT_SCALES = (0.75, 1.0, 1.25)
 DEFAULT_MAX_PIXELS = 40_000_000
 # Seconds an upload, a result picture or a class-id PNG stays on the server (and a session's last result).
 FILE_LIFETIME = 3600
+# How the page's title names the datasets of `visualization.KNOWN_DATASETS`.
+DATASET_TITLES = {"ade20k": "ADE20K", "cityscapes": "Cityscapes", "coco-stuff164k": "COCO-Stuff 164k",
+                  "synthetic": "synthetic scenes"}
 
 
 class PhotoError(ValueError):
     """An upload the app refuses: not an image, truncated or corrupt, or too large."""
+
+
+def model_title(config) -> str:
+    """The page's title from what the config knows: the variant (MetaSeg-T / -B by its encoder sizes), the
+    dataset (by its class names) and the number of classes, e.g. "MetaSeg-T · ADE20K · 150 classes"."""
+    variant = next((f"MetaSeg-{name.upper()}" for name, sizes in ARCHITECTURES.items()
+                    if list(sizes["hidden_sizes"]) == list(config.hidden_sizes)
+                    and list(sizes["depths"]) == list(config.depths)), "MetaSeg")
+    dataset = known_dataset(config)
+    parts = [variant] + ([DATASET_TITLES[dataset]] if dataset else []) + [f"{config.num_labels} classes"]
+    return " · ".join(parts)
+
+
+def photo_input(**kwargs) -> gr.Image:
+    """The photo upload: a gr.Image (the page shows the uploaded photo) that hands the app the uploaded file's
+    path without opening it (gr.Image's own preprocessing opens it with Pillow first), so that
+    `SegmentationDemo.read_photo` checks the size from the header before anything decodes the file, and words
+    every refusal itself. (Set on the instance: a gr.Image subclass would make Gradio write a .pyi file here.)"""
+    photo = gr.Image(type="filepath", image_mode=None, sources=["upload"], **kwargs)
+
+    def uploaded_path(payload):
+        if payload is None:
+            return None
+        if payload.path is None:  # a data: URL instead of an uploaded file
+            raise gr.Error("Upload the photo as a file.", print_exception=False)
+        return str(payload.path)
+
+    photo.preprocess = uploaded_path
+    return photo
 
 
 def parse_args(argv=None):
@@ -114,6 +158,10 @@ class _CountingModel:
         return outputs
 
 
+# The id column, right-aligned and kept apart from the class name ("4  stripes", not "4stripes").
+ID_CELL = 'style="text-align:right;padding:0 0.8em 0 0.4em"'
+
+
 def legend_html(rows: list[tuple[int, str, float]], palette) -> str:
     """The legend as an HTML table: swatch, class id, name and share of the image, largest first."""
     lines = []
@@ -121,9 +169,9 @@ def legend_html(rows: list[tuple[int, str, float]], palette) -> str:
         red, green, blue = (int(value) for value in palette[index])
         swatch = (f'<span style="display:inline-block;width:1.1em;height:1.1em;border:1px solid #000;'
                   f'background:rgb({red},{green},{blue})"></span>')
-        lines.append(f'<tr data-class-id="{index}"><td>{swatch}</td><td>{index}</td>'
+        lines.append(f'<tr data-class-id="{index}"><td>{swatch}</td><td class="id" {ID_CELL}>{index}</td>'
                      f'<td class="name">{html.escape(name.strip())}</td><td class="share">{fraction:.2%}</td></tr>')
-    header = "<tr><th></th><th>id</th><th>class</th><th>share</th></tr>"
+    header = f"<tr><th></th><th {ID_CELL}>id</th><th>class</th><th>share</th></tr>"
     return (f'<div style="max-height:28em;overflow-y:auto"><p>{len(rows)} classes present</p>'
             f'<table class="legend"><thead>{header}</thead><tbody>{"".join(lines)}</tbody></table></div>')
 
@@ -135,6 +183,10 @@ class SegmentationDemo:
     def __init__(self, model, processor, work_dir, scales=DEFAULT_SCALES, window_size=None, window_stride=None,
                  window_batch_size=WINDOW_BATCH_SIZE, max_pixels=DEFAULT_MAX_PIXELS):
         self.model, self.processor, self.work_dir = model.eval(), processor, Path(work_dir)
+        # `read_photo` refuses photos over max_pixels from the header, where Pillow checks its own
+        # decompression-bomb limit: one limit and one message in this process (Pillow's would refuse photos
+        # above 2 x 89.5 megapixels in its own words whatever --max_pixels says, and warn above 89.5).
+        Image.MAX_IMAGE_PIXELS = None
         self.palette = class_palette(model.config)
         self.scales, self.window_batch_size, self.max_pixels = tuple(scales), window_batch_size, max_pixels
         config = model.config
@@ -146,30 +198,25 @@ class SegmentationDemo:
     # ------------------------------------------------------------------ reading the upload
 
     def read_photo(self, path) -> torch.Tensor:
-        """The uploaded file as (H, W, 3) uint8 RGB. Its size is checked from the header before decoding."""
+        """The uploaded file as (H, W, 3) uint8 RGB, read by `image_io` (as the processor reads files). Its size
+        is checked from the header before decoding; every refusal is a PhotoError naming the file."""
         name = Path(path).name
-        limit = (f"this demo accepts photos of at most {self.max_pixels:,} pixels "
-                 f"({self.max_pixels / 1e6:g} megapixels, --max_pixels); downscale it and upload it again")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = Image.open(path)
-        except Image.DecompressionBombError as error:
-            raise PhotoError(f"{name} is too large: {error} Refused before decoding: {limit}.") from None
-        except UnidentifiedImageError:
+            image = open_image_file(path, name, max_pixels=self.max_pixels)
+        except ImageTooLargeError as error:
+            width, height = error.size
             raise PhotoError(
-                f"{name} is not an image file Pillow can read; upload a photo (JPEG, PNG, WebP, BMP, TIFF, ...)."
+                f"{name} is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels): refused before "
+                f"decoding: this demo accepts photos of at most {self.max_pixels:,} pixels "
+                f"({self.max_pixels / 1e6:g} megapixels, --max_pixels); downscale it and upload it again."
+            ) from None
+        except ImageFileError as error:
+            reason = error.reason.replace(str(path), name)  # Pillow's words may hold the server's path
+            raise PhotoError(
+                f"{name} is not an image file this demo can read ({reason}); upload a complete photo "
+                "(JPEG, PNG, WebP, BMP, TIFF, ...)."
             ) from None
         with image:
-            width, height = image.size
-            if width * height > self.max_pixels:
-                raise PhotoError(f"{name} is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels): "
-                                 f"refused before decoding: {limit}.")
-            try:
-                image.load()
-            except (OSError, ValueError, SyntaxError, EOFError) as error:
-                raise PhotoError(f"{name} could not be decoded ({error}): the file is truncated or corrupt; "
-                                 "upload the complete file.") from None
             return self.processor.to_rgb(image)
 
     # ------------------------------------------------------------------ progress
@@ -224,8 +271,8 @@ class SegmentationDemo:
         status = (f"{name}: {width}x{height} pixels, {' + '.join(options)}, {len(rows)} classes, mean confidence "
                   f"{prediction.probabilities_max.mean().item():.1%}, {time.perf_counter() - started:.2f} s "
                   f"on {next(self.model.parameters()).device}.")
-        compact = torch.uint8 if len(self.palette) <= 256 else torch.int32  # kept for the session: keep it small
-        state = {"image": rgb, "segmentation": segmentation.to(compact)}
+        # The session keeps the paths only (the files expire with FILE_LIFETIME): no arrays held per session.
+        state = {"photo": str(photo), "class_png": str(class_png)}
         return overlay, legend_html(rows, self.palette), str(class_png), status, state
 
     def remove_old_requests(self):
@@ -239,10 +286,17 @@ class SegmentationDemo:
                 shutil.rmtree(folder, ignore_errors=True)  # ditto
 
     def blend(self, state, opacity):
-        """The overlay at another opacity, from the session's last result (no model call)."""
+        """The overlay at another opacity, from the session's last photo and class-id PNG, read back from
+        their files (no model call)."""
         if state is None:
             return gr.skip()
-        return overlay_image(state["image"], state["segmentation"], self.palette, opacity)
+        try:
+            rgb = self.read_photo(state["photo"])
+            segmentation = read_label(state["class_png"], "class_png")
+        except ValueError as error:  # PhotoError included: the files expired (FILE_LIFETIME) or were removed
+            raise gr.Error("The last result is no longer on the server; segment the photo again.",
+                           print_exception=False) from error
+        return overlay_image(rgb, segmentation, self.palette, opacity)
 
     # ------------------------------------------------------------------ the page
 
@@ -257,7 +311,7 @@ class SegmentationDemo:
             )
             with gr.Row():
                 with gr.Column(scale=1):
-                    photo = gr.File(label="Photo", file_types=["image"], type="filepath", elem_id="photo")
+                    photo = photo_input(label="Photo", elem_id="photo")
                     mode = gr.Radio(["whole", "slide"], value=config.inference_mode, label="Inference mode",
                                     elem_id="mode")
                     flip = gr.Checkbox(label="Flip (average with the mirrored photo)", elem_id="flip")
@@ -293,9 +347,10 @@ def example_photos(paths, work_dir: Path) -> list[Path]:
             for index in range(2)]
 
 
-def create_app(args) -> tuple[gr.Blocks, dict]:
-    """The page for parsed `args` and the keyword arguments of its `launch()`. Per-request files go to a
-    temporary folder removed when the process exits."""
+def create_app(args) -> tuple[gr.Blocks, dict, "SegmentationDemo"]:
+    """The page for parsed `args`, the keyword arguments of its `launch()` and its `SegmentationDemo`. Per-request
+    files go to a temporary folder removed when the process exits. The server serves the example files
+    themselves and nothing else of their folders (`allowed_paths`); Gradio's own cache holds uploads and results."""
     model = AutoModelForSemanticSegmentation.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     work_dir = Path(tempfile.mkdtemp(prefix="metaseg-app-"))
@@ -303,13 +358,13 @@ def create_app(args) -> tuple[gr.Blocks, dict]:
     examples = example_photos(args.examples, work_dir)
     demo = SegmentationDemo(model.to(args.device), processor, work_dir, args.scales, args.window_size,
                             args.window_stride, args.batch_size, args.max_pixels)
-    page = demo.build(examples, title=f"MetaSeg: {Path(args.model).name}")
+    page = demo.build(examples, title=model_title(model.config))
     page.queue(default_concurrency_limit=args.concurrency)
     launch_kwargs = dict(
         server_name=args.host, server_port=args.port, share=False, ssr_mode=False, show_error=True,
-        max_file_size=args.max_file_size, allowed_paths=[str(work_dir), *{str(path.parent) for path in examples}],
+        max_file_size=args.max_file_size, allowed_paths=[str(path) for path in examples],
     )
-    return page, launch_kwargs
+    return page, launch_kwargs, demo
 
 
 def main(argv=None) -> int:
@@ -317,7 +372,7 @@ def main(argv=None) -> int:
     if not args.model:
         print(HOW_TO_GET_A_MODEL, file=sys.stderr)
         return 2
-    page, launch_kwargs = create_app(args)
+    page, launch_kwargs, _ = create_app(args)
     # `kill` as well as Ctrl+C ends through sys.exit, so the temporary folder is removed (atexit).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     page.launch(**launch_kwargs)

@@ -8,8 +8,9 @@ Writes OUTPUT_DIR/model.onnx (input `pixel_values`: float32 (batch, 3, height, w
 width dynamic, each side at least 57; output `logits`: (batch, num_labels, ceil(height/8), ceil(width/8)))
 traced from the fused deploy path (`model.fuse()`; `--no-fuse` for the straight port), and beside it the
 model's config.json (labels, test mode) and the image processor's preprocessor_config.json. ONNX Runtime's
-logits are compared with PyTorch's on two inputs and the largest difference printed; on any failure (an
-operator without an ONNX implementation, a mismatch) nothing is written and the exit code is 1.
+logits are compared with PyTorch's on two inputs and the largest difference printed; on any failure (a
+missing package, named with the extra that installs it, before the model is loaded; an operator without an
+ONNX implementation; a mismatch) nothing is written and the exit code is 1.
 """
 
 import argparse
@@ -20,7 +21,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
 import metaseg_hf  # noqa: F401  (registers MetaSeg with the Auto classes)
-from metaseg_hf.onnx_metaseg import ONNXExportError, export_onnx
+from metaseg_hf.onnx_metaseg import ONNXExportError, export_onnx, require_export_packages
 
 
 def parse_args(argv=None):
@@ -37,6 +38,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        require_export_packages(args.check)
+    except ImportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     model = AutoModelForSemanticSegmentation.from_pretrained(
         args.model, trust_remote_code=args.trust_remote_code, dtype=torch.float32
     )

@@ -39,6 +39,7 @@ inference only: folded modules refuse training-mode calls.
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .ops_metaseg import activation_on_map
 
@@ -75,7 +76,20 @@ def preferred_layout(hidden_states: torch.Tensor) -> torch.Tensor:
     return hidden_states.contiguous(memory_format=torch.channels_last)
 
 
-class FoldedConv(nn.Module):
+class FoldedTensors(nn.Module):
+    """Folded tensors of a module (weights, biases, scales, matrices), as non-persistent buffers in `dtype`:
+    read as attributes, absent from the state dict (None stays None). The base of `FoldedConv` and
+    `FoldedLinear`."""
+
+    def __init__(self, dtype: torch.dtype, **tensors: torch.Tensor | None):
+        super().__init__()
+        for name, value in tensors.items():
+            self.register_buffer(
+                name, None if value is None else value.detach().to(dtype).contiguous(), persistent=False
+            )
+
+
+class FoldedConv(FoldedTensors):
     """A convolution whose weight and bias were folded from others (BatchNorm, layer scale), held as
     non-persistent buffers: called like the `nn.Conv2d` it stands for (same geometry, `.weight` and
     `.bias`), absent from the state dict. Refuses training-mode calls.
@@ -85,21 +99,20 @@ class FoldedConv(nn.Module):
     """
 
     def __init__(self, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None, activation=None):
-        super().__init__()
-        dtype = conv.weight.dtype
-        self.register_buffer("weight", weight.detach().to(dtype).contiguous(), persistent=False)
-        self.register_buffer(
-            "bias", None if bias is None else bias.detach().to(dtype).contiguous(), persistent=False
-        )
+        super().__init__(conv.weight.dtype, weight=weight, bias=bias)
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.activation = activation
 
     @classmethod
     def with_batch_norm(cls, conv: nn.Conv2d, batch_norm: nn.BatchNorm2d, activation=None) -> "FoldedConv":
-        """BN(conv(x)) as one convolution."""
-        scale, shift = batch_norm_affine(batch_norm)
-        weight = conv.weight.double() * scale[:, None, None, None]
-        bias = shift if conv.bias is None else conv.bias.double() * scale + shift
+        """BN(conv(x)) as one convolution (PyTorch's `fuse_conv_bn_weights`, in float64)."""
+        def float64(tensor):
+            return None if tensor is None else tensor.detach().double()
+
+        weight, bias = fuse_conv_bn_weights(
+            float64(conv.weight), float64(conv.bias), float64(batch_norm.running_mean),
+            float64(batch_norm.running_var), batch_norm.eps, float64(batch_norm.weight), float64(batch_norm.bias),
+        )
         return cls(conv, weight, bias, activation)
 
     @classmethod
@@ -123,16 +136,12 @@ class FoldedConv(nn.Module):
         return f"{in_channels * self.groups}, {out_channels}, kernel_size={tuple(kernel)}, stride={self.stride}, padding={self.padding}"
 
 
-class FoldedLinear(nn.Module):
+class FoldedLinear(FoldedTensors):
     """A linear map on (..., I) -> (..., O) from folded (or reshaped) weights: `weight` (O, I) and `bias`
     (O,) or None in float64, held as non-persistent buffers in `dtype`. Refuses training-mode calls."""
 
     def __init__(self, dtype: torch.dtype, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.register_buffer("weight", weight.detach().to(dtype).contiguous(), persistent=False)
-        self.register_buffer(
-            "bias", None if bias is None else bias.detach().to(dtype).contiguous(), persistent=False
-        )
+        super().__init__(dtype, weight=weight, bias=bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         check_inference(self)
@@ -140,16 +149,6 @@ class FoldedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, bias={self.bias is not None}"
-
-
-class FoldedTensors(nn.Module):
-    """Other folded tensors of a module (scales, matrices), as non-persistent buffers in `dtype`: read
-    as attributes, absent from the state dict."""
-
-    def __init__(self, dtype: torch.dtype, **tensors: torch.Tensor):
-        super().__init__()
-        for name, value in tensors.items():
-            self.register_buffer(name, value.detach().to(dtype).contiguous(), persistent=False)
 
 
 # CPU only: a folded MLP computes its wide hidden map in channel chunks of about this many bytes, so that

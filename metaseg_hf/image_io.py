@@ -67,23 +67,65 @@ def describe(value) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
-def open_image_file(path, name: str) -> Image.Image:
-    """Opens and decodes a local image file; every failure is a ValueError that names `name` and the path."""
+class ImageFileError(ValueError):
+    """An image file that cannot be read: `path` (as given), `reason` (what went wrong: Pillow's words, or
+    the size check's) and `size` ((width, height) from the header, when it was read)."""
+
+    def __init__(self, message: str, path, reason: str, size: tuple[int, int] | None = None):
+        super().__init__(message)
+        self.path, self.reason, self.size = path, reason, size
+
+
+class ImageTooLargeError(ImageFileError):
+    """An image file refused from its header, before decoding, for having more than `max_pixels` pixels."""
+
+    def __init__(self, message: str, path, reason: str, size: tuple[int, int], max_pixels: int):
+        super().__init__(message, path, reason, size)
+        self.max_pixels = max_pixels
+
+
+# What Pillow raises for a file it cannot identify or decode (a truncated JPEG header, a bad BMP header, a
+# broken PNG chunk, ...).
+_PILLOW_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def open_image_file(path, name: str, max_pixels: int | None = None) -> Image.Image:
+    """Opens and decodes a local image file; every failure is a ValueError that names `name` and the path
+    (an `ImageFileError`, with the reason apart, for a file that exists but cannot be read).
+
+    max_pixels: refuse, with an `ImageTooLargeError`, an image whose header gives more pixels, before its
+    pixels are decoded. Pillow's own decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`) applies first.
+    """
     text = os.fspath(path)
     if isinstance(text, str) and text.startswith(("http://", "https://")):
         raise ValueError(
             f"`{name}` is the URL {text!r}: the processor does not download images. Load it first (e.g. with "
             "`transformers.image_utils.load_image`) and pass the PIL image."
         )
+    image = None
     try:
         image = Image.open(text)
-        image.load()
+        width, height = image.size
+        if max_pixels is None or width * height <= max_pixels:
+            image.load()
     except FileNotFoundError:
         raise ValueError(
             f"`{name}` is the path {text!r}, which does not exist; expected a path to an image file."
         ) from None
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"`{name}` is the path {text!r}, which is not a readable image file ({error}).") from None
+    except _PILLOW_READ_ERRORS as error:
+        if image is not None:
+            image.close()
+        reason = str(error) or type(error).__name__
+        raise ImageFileError(
+            f"`{name}` is the path {text!r}, which is not a readable image file ({reason}).", text, reason,
+            None if image is None else image.size,
+        ) from None
+    if max_pixels is not None and width * height > max_pixels:
+        image.close()
+        reason = (f"{width}x{height} pixels ({width * height / 1e6:.1f} megapixels), more than max_pixels = "
+                  f"{max_pixels:,}; refused before decoding")
+        raise ImageTooLargeError(f"`{name}` is the path {text!r}, an image of {reason}.", text, reason,
+                                 (width, height), max_pixels)
     return image
 
 
@@ -338,6 +380,8 @@ __all__ = [
     "EXPECTED_IMAGE",
     "EXPECTED_MAP",
     "IGNORE_INDEX",
+    "ImageFileError",
+    "ImageTooLargeError",
     "LABEL_MODES",
     "apply_orientation",
     "describe",

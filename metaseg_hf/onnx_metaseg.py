@@ -28,9 +28,9 @@ function here needs them, never by `import metaseg_hf`.
 import contextlib
 import logging
 import os
-import re
 import shutil
 import tempfile
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +46,16 @@ ONNX_FILE_NAME = "model.onnx"
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
 INSTALL_HINT = 'pip install "metaseg-hf[onnx]"'
+# What the export imports: onnx (the file check), onnxscript (torch.onnx's dynamo exporter), onnxruntime (the
+# comparison with PyTorch, unless check=False).
+EXPORT_PACKAGES = ("onnx", "onnxscript")
+CHECK_PACKAGES = ("onnxruntime",)
+# The steps of torch.onnx's exporter, by the class of the exception it raises (torch.onnx._internal.exporter
+# ._errors; matched by name, as those classes are not public).
+EXPORT_STEPS = {
+    "TorchExportError": "capturing the graph with torch.export",
+    "ConversionError": "converting the exported program to ONNX",
+}
 # Traced with this input (batch 2 and unequal sides, every pooled decoder map wider than one token, so that
 # no size is specialised to 0, 1 or to the other side); checked with it and with CHECK_SHAPE.
 EXAMPLE_SHAPE = (2, 128, 160)
@@ -101,18 +111,50 @@ class _LogitsOnly(nn.Module):
         return self.model(pixel_values=pixel_values).logits
 
 
+def require_export_packages(check: bool = True) -> None:
+    """Raises `require_onnx`'s ImportError (the missing package and the extra) unless the packages the export
+    needs import: onnx and onnxscript, and onnxruntime with `check`. Called before anything is traced."""
+    require_onnx(*EXPORT_PACKAGES, *(CHECK_PACKAGES if check else ()))
+
+
+def _exception_chain(error: BaseException) -> list:
+    """`error` and its causes, outermost first."""
+    chain = []
+    while error is not None and all(error is not seen for seen in chain):
+        chain.append(error)
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return chain
+
+
+def _failed_operator(error: BaseException):
+    """The operator of the FX node being processed where `error` was raised (the exporter's frames hold it as a
+    local `node`; the innermost one), or None."""
+    for frame, _ in reversed(list(traceback.walk_tb(error.__traceback__))):
+        node = frame.f_locals.get("node")
+        if isinstance(node, torch.fx.Node) and node.op == "call_function":
+            return node.target
+    return None
+
+
 def _conversion_summary(error: BaseException) -> str:
-    """The useful part of a torch.onnx error: the operator that has no ONNX implementation when that is the
-    cause, else the exporter's exception summary (or the first line of the message)."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
-    operators = sorted(set(re.findall(r"No ONNX function found for <OpOverload\(op='([^']+)'", text)))
-    if operators:
-        return f"no ONNX implementation of the operator(s) {', '.join(operators)}"
-    if "## Exception summary" in text:
-        summary = text.split("## Exception summary", 1)[1].split("(Refer to the full stack trace", 1)[0]
-        lines = [line.strip() for line in summary.splitlines() if line.strip() and line.strip() != "⬆️"]
-        return " <- ".join(lines)
-    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    """What a torch.onnx export failure means for the user, read from the exceptions rather than from the
+    wording of torch's messages: the step that failed (by the exception's class), the operator being converted
+    (from the exporter's frames) and whether it has no ONNX implementation, and the innermost cause."""
+    chain = _exception_chain(error)
+    class_names = [{cls.__name__ for cls in type(link).__mro__} for link in chain]
+    step = next((EXPORT_STEPS[name] for names in class_names for name in EXPORT_STEPS if name in names), None)
+    # In the causes only: the outermost exception's frames run through the caller's code.
+    operator = next((op for link in reversed(chain[1:]) if (op := _failed_operator(link)) is not None), None)
+    root = chain[-1]
+    root_text = (str(root).strip().splitlines() or [""])[0]
+    cause = f"{type(root).__name__}: {root_text}" if root_text else type(root).__name__
+    if operator is not None and any("DispatchError" in names for names in class_names):
+        summary = f"no ONNX implementation of the operator {operator}"
+    elif operator is not None:
+        summary = f"the operator {operator} failed to convert ({cause})"
+    else:
+        summary = cause
+    return f"{summary} (step: {step})" if step else summary
 
 
 def _trace_to_onnx(module: nn.Module, example: torch.Tensor, path: Path, opset: int | None, min_side: int):
@@ -193,8 +235,10 @@ def export_onnx(
     check: run ONNX Runtime on two inputs of different batch size and shape and compare its logits with the
     model's as given (before fusing); fail when the largest difference exceeds `tolerance` times
     max(1, largest |logit|). log: called with progress lines (the largest difference among them).
-    Raises ONNXExportError (nothing written) when the export or its check fails.
+    Raises ONNXExportError (nothing written) when the export or its check fails, and ImportError, before
+    anything is traced, when a package it needs is missing (`require_export_packages`).
     """
+    require_export_packages(check)
     output_dir = Path(output_dir)
     parameter = next(model.parameters())
     if parameter.dtype != torch.float32:
@@ -349,14 +393,16 @@ class ORTMetaSegForSemanticSegmentation:
     @classmethod
     def from_pretrained(cls, path, num_threads: int | None = None, providers=None, optimization_level: str = "all",
                         **session_kwargs) -> "ORTMetaSegForSemanticSegmentation":
-        """Loads `path` (an `export_onnx` folder, or its `model.onnx`) and the `config.json` beside it.
+        """Loads `path` (an `export_onnx` folder, or an `.onnx` file in one) and the `config.json` beside it.
         The other arguments go to `create_session`."""
         path = Path(path)
-        file = path / ONNX_FILE_NAME if path.is_dir() else path
+        is_file = path.is_file() or (not path.is_dir() and path.suffix == ".onnx")
+        folder, file = (path.parent, path) if is_file else (path, path / ONNX_FILE_NAME)
         if not file.is_file():
+            missing = "" if folder.is_dir() else f" (the folder {folder} does not exist)"
             raise FileNotFoundError(
-                f"No ONNX model at {file}. Export one with: python examples/export_onnx.py --model MODEL "
-                f"--output_dir {path if path.is_dir() else path.parent}"
+                f"No ONNX model at {file}{missing}. Export one with: python examples/export_onnx.py --model MODEL "
+                f"--output_dir {folder}"
             )
         config_file = file.parent / "config.json"
         if not config_file.is_file():

@@ -6,12 +6,33 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .dataset_metadata import DATASET_CLASSES, DATASET_PALETTES
+from .synthetic import SYNTHETIC_ID2LABEL, SYNTHETIC_PALETTE
+
+# The label sets a model can be recognised by (its id2label, in order) and their colours: the official
+# datasets and the built-in synthetic scenes (what examples/train.py trains the demo model on).
+KNOWN_DATASETS = {
+    **{name: (DATASET_CLASSES[name], DATASET_PALETTES[name]) for name in DATASET_CLASSES},
+    "synthetic": (tuple(SYNTHETIC_ID2LABEL.values()), SYNTHETIC_PALETTE),
+}
+
+
+def known_dataset(config) -> str | None:
+    """The key of `KNOWN_DATASETS` whose class names the config's `id2label` lists, in order; else None."""
+    id2label = getattr(config, "id2label", None) or {}
+    names = tuple(id2label.get(index) for index in range(len(id2label)))
+    return next((name for name, (classes, _) in KNOWN_DATASETS.items() if classes == names), None)
+
 
 def class_palette(config) -> np.ndarray:
-    """(num_labels, 3) uint8 colours: the config's `palette` (official datasets carry theirs), else
-    well-separated colours generated deterministically from the class index."""
+    """(num_labels, 3) uint8 colours: the config's `palette` (official checkpoints carry theirs), else the
+    palette of the known dataset whose classes the config has (the synthetic scenes: background dark grey),
+    else well-separated colours generated deterministically from the class index."""
     if getattr(config, "palette", None):
         return np.asarray(config.palette, dtype=np.uint8)
+    dataset = known_dataset(config)
+    if dataset is not None:
+        return np.asarray(KNOWN_DATASETS[dataset][1], dtype=np.uint8)
     colours = [colorsys.hsv_to_rgb((index * 0.618033988749895) % 1.0, 0.65, 0.95) for index in range(config.num_labels)]
     return (np.asarray(colours) * 255).round().astype(np.uint8)
 

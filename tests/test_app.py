@@ -2,19 +2,22 @@
 `gradio_client` (the API a Space exposes).
 
 One server per model for the whole module, bound to 127.0.0.1: the tiny official checkpoint converted
-by the library (runs on a fresh clone) and the converted reference MetaSeg-T (the reference photo).
+by the library (runs on a fresh clone; its example photo lies in a folder beside other files, which must
+not be served) and the converted reference MetaSeg-T (the reference photo).
 What the page shows is checked against the library's `segment()` on the same model folder.
 Screenshots and the upload-to-overlay time go to `$METASEG_TEST_ARTIFACTS` (default tests/artifacts/).
 """
 
 import asyncio
 import importlib.util
+import io
 import json
 import os
 import shutil
 import socket
 import struct
 import time
+import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
@@ -30,8 +33,8 @@ pytest.importorskip("gradio", reason="the app's extra is not installed: pip inst
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from metaseg_hf import MetaSegForSemanticSegmentation, MetaSegImageProcessor  # noqa: E402
-from metaseg_hf.synthetic import save_example_image  # noqa: E402
+from metaseg_hf import MetaSegConfig, MetaSegForSemanticSegmentation, MetaSegImageProcessor  # noqa: E402
+from metaseg_hf.synthetic import SYNTHETIC_ID2LABEL, SYNTHETIC_PALETTE, save_example_image  # noqa: E402
 from metaseg_hf.visualization import class_fractions, class_palette, overlay_image  # noqa: E402
 
 TINY_PHOTO = TINY_DIR / "tiny-photo.png"
@@ -82,27 +85,50 @@ class Oracle:
 
 class Server:
     def __init__(self, argv):
-        page, launch_kwargs = app.create_app(app.parse_args([*argv, "--host", "127.0.0.1"]))
+        page, launch_kwargs, demo = app.create_app(app.parse_args([*argv, "--host", "127.0.0.1"]))
         assert launch_kwargs["server_name"] == "127.0.0.1" and launch_kwargs["share"] is False
         page.launch(**launch_kwargs, prevent_thread_lock=True, quiet=True)
-        self.page, self.url = page, page.local_url.rstrip("/")
-        self.work_dir = Path(launch_kwargs["allowed_paths"][0])
+        self.page, self.url, self.demo = page, page.local_url.rstrip("/"), demo
+        self.work_dir = demo.work_dir
 
     def close(self):
         self.page.close()
 
+    def fetch(self, path) -> int:
+        """The HTTP status of a request for the file `path` through Gradio's file route."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/gradio_api/file={path}", timeout=60) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
 
 @pytest.fixture(scope="module", autouse=True)
 def gradio_files(tmp_path_factory):
-    """Gradio's uploads and results in this module's own temporary folder."""
+    """Gradio's uploads and results in this module's own temporary folder; Pillow's decompression-bomb limit
+    (which the app replaces by its own) restored afterwards."""
+    limit = Image.MAX_IMAGE_PIXELS
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))
         yield
+    Image.MAX_IMAGE_PIXELS = limit
 
 
 @pytest.fixture(scope="module")
-def tiny_server(tiny_dir):
-    server = Server(["--model", str(tiny_dir), "--port", str(free_port()), "--concurrency", "2"])
+def photo_folder(tmp_path_factory):
+    """A person's folder: the example photo, and beside it files that are not for the page."""
+    folder = tmp_path_factory.mktemp("photos")
+    save_example_image(folder / "scene.png", index=0, save_label=False)
+    (folder / "notes.txt").write_text("private notes")
+    (folder / "private").mkdir()
+    (folder / "private" / "key.txt").write_text("a private key")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_dir, photo_folder):
+    server = Server(["--model", str(tiny_dir), "--port", str(free_port()), "--concurrency", "2",
+                     "--examples", str(photo_folder / "scene.png")])
     yield server
     server.close()
 
@@ -236,19 +262,36 @@ def test_browser_segments_the_reference_photo(browser, reference_server, convert
     print(f"\nupload to overlay on {photo.name}: {seconds:.2f} s ({torch.get_num_threads()} torch threads)")
 
 
-def test_browser_segments_the_tiny_photo_and_an_example(browser, tiny_server, tiny_oracle):
-    """The fresh-clone version: the tiny fixture photo uploaded, then an example photo picked."""
+LEGEND_GAP_SCRIPT = """
+    // Pixels between the end of each legend row's class id and the start of its class name, as drawn.
+    const textBox = cell => { const range = document.createRange(); range.selectNodeContents(cell);
+                              return range.getBoundingClientRect(); };
+    return [...document.querySelectorAll('#legend tr[data-class-id]')].map(
+        row => textBox(row.querySelector('.name')).left - textBox(row.querySelector('.id')).right);
+"""
+
+
+def test_browser_segments_the_tiny_photo_and_an_example(browser, tiny_server, tiny_oracle, photo_folder):
+    """The fresh-clone version: the tiny fixture photo uploaded (and shown), then the example photo picked."""
     from selenium.webdriver.common.by import By
 
     open_page(browser, tiny_server)
+    assert browser.title == "MetaSeg · 7 classes"  # what the config knows, not the model folder's name
     upload(browser, TINY_PHOTO)
     result = page_result(browser, TINY_PHOTO.name)
     browser.save_screenshot(str(artifacts_dir() / "app-tiny-photo.png"))
     check_page_result(result, tiny_server, tiny_oracle, TINY_PHOTO)
+    shown = browser.execute_script(
+        "return [...document.querySelectorAll('#photo img')].map(img => [img.naturalWidth, img.naturalHeight])")
+    assert shown == [[69, 67]], "the photo input shows the uploaded photo"
+    gaps = browser.execute_script(LEGEND_GAP_SCRIPT)
+    assert gaps and min(gaps) >= 8, f"the legend runs class ids into their names: gaps {gaps} px"
 
-    example = tiny_server.work_dir / "synthetic-scene-0.png"
-    buttons = [b for b in browser.find_elements(By.CSS_SELECTOR, "button") if b.text.strip() == example.name]
-    assert buttons, "the example photos are not on the page"
+    # The example is offered (served from its own path, nothing else of its folder) and segments.
+    example = photo_folder / "scene.png"
+    buttons = [b for b in browser.find_elements(By.CSS_SELECTOR, "button.gallery-item")
+               if b.find_elements(By.CSS_SELECTOR, f"img[src$='/{example.name}']")]
+    assert buttons, "the example photo is not on the page"
     buttons[0].click()
     check_page_result(page_result(browser, example.name, previous=result), tiny_server, tiny_oracle, example)
     assert_only_loopback(requested_urls(browser), tiny_server)
@@ -262,11 +305,11 @@ def test_browser_shows_why_an_upload_is_refused(browser, tiny_server, tmp_path):
     fake.write_text("not a picture")
     open_page(browser, tiny_server)
     upload(browser, fake)
-    message = "holiday.png is not an image file Pillow can read"
+    message = "holiday.png is not an image file this demo can read"
     WebDriverWait(browser, TIMEOUT).until(lambda d: message in d.find_element(By.TAG_NAME, "body").text)
     browser.save_screenshot(str(artifacts_dir() / "app-refused-upload.png"))
     # The same page keeps working: a new photo after the refused one is segmented.
-    browser.find_element(By.CSS_SELECTOR, "#photo button[aria-label='Clear']").click()
+    browser.find_element(By.CSS_SELECTOR, "#photo button[aria-label='Remove Image']").click()
     WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#photo input[type=file]"))
     upload(browser, TINY_PHOTO)
     assert page_result(browser, TINY_PHOTO.name)["overlay"] == [69, 67]
@@ -335,21 +378,47 @@ def header_only_png(path: Path, width: int, height: int) -> Path:
     return path
 
 
+def damaged_photos(folder: Path) -> dict:
+    """Files that Pillow identifies but cannot decode, each with what its reason says: a BMP with a bad
+    header, a JPEG cut inside its header, a WebP with a bad chunk, a PNG cut in its pixel data."""
+    rgb = Image.open(TINY_PHOTO).convert("RGB")
+
+    def encoded(format_name):
+        buffer = io.BytesIO()
+        rgb.save(buffer, format_name)
+        return buffer.getvalue()
+
+    bmp = bytearray(encoded("BMP"))
+    bmp[14:18] = struct.pack("<I", 7)  # a DIB header size no BMP has
+    webp = bytearray(encoded("WEBP"))
+    webp[12:16] = b"VPX?"  # the image chunk's type
+    files = {
+        "header.bmp": bytes(bmp),
+        "cut.jpg": encoded("JPEG")[:200],
+        "chunk.webp": bytes(webp),
+        "truncated.png": TINY_PHOTO.read_bytes()[: TINY_PHOTO.stat().st_size // 2],
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return {folder / name: name for name in files}
+
+
 def test_bad_uploads_get_a_clear_message_and_the_app_keeps_serving(client, tiny_oracle, tmp_path):
     text = tmp_path / "notes.png"
     text.write_text("a shopping list, not a photo")
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
-    truncated = tmp_path / "truncated.png"
-    truncated.write_bytes(TINY_PHOTO.read_bytes()[: TINY_PHOTO.stat().st_size // 2])
+    wrong_extension = tmp_path / "photo.txt"
+    wrong_extension.write_text("wrong extension")
     limit = r"refused before decoding: this demo accepts photos of at most 40,000,000 pixels \(40 megapixels"
+    unreadable = r"{} is not an image file this demo can read \(.+\); upload a complete photo"
     cases = {
-        text: r"notes\.png is not an image file Pillow can read",
-        empty: r"empty\.jpg is not an image file Pillow can read",
-        truncated: r"truncated\.png could not be decoded \(.*truncated.*\): the file is truncated or corrupt",
-        # Past Pillow's own decompression-bomb limit (2 x 89.5 megapixels): refused from the header.
-        header_only_png(tmp_path / "huge.png", 20000, 20000): r"huge\.png is too large: .*400000000 pixels.*"
-                                                              r"Refused before decoding: this demo accepts",
+        text: unreadable.format(r"notes\.png"),
+        empty: unreadable.format(r"empty\.jpg"),
+        wrong_extension: unreadable.format(r"photo\.txt"),
+        **{path: unreadable.format(name.replace(".", r"\.")) for path, name in damaged_photos(tmp_path).items()},
+        # Past Pillow's own decompression-bomb limit (2 x 89.5 megapixels): the app's limit and words all the same.
+        header_only_png(tmp_path / "huge.png", 20000, 20000): rf"huge\.png is 20000x20000 pixels \(400\.0 megapixels\): {limit}",
         # Under Pillow's limit, over the app's.
         header_only_png(tmp_path / "big.png", 12000, 10000): rf"big\.png is 12000x10000 pixels \(120\.0 megapixels\): {limit}",
     }
@@ -358,11 +427,70 @@ def test_bad_uploads_get_a_clear_message_and_the_app_keeps_serving(client, tiny_
         with pytest.raises(AppError, match=message):
             api_segment(client, photo)
         assert time.perf_counter() - started < 60, f"{photo.name} took long to be refused"
-    (tmp_path / "photo.txt").write_text("wrong extension")
-    with pytest.raises(AppError, match="Invalid file type"):
-        api_segment(client, tmp_path / "photo.txt")
     _, _, class_png, _ = api_segment(client, TINY_PHOTO)
     np.testing.assert_array_equal(np.array(Image.open(class_png)), tiny_oracle.segmentation(TINY_PHOTO).numpy())
+
+
+def test_max_pixels_is_the_one_limit_above_pillows_own(tiny_oracle, tmp_path, recwarn):
+    """--max_pixels above Pillow's decompression-bomb limit: a photo between the two goes on to decoding without
+    Pillow's warning, one above both is refused in the app's words with the app's number."""
+    demo = app.SegmentationDemo(tiny_oracle.model, tiny_oracle.processor, tmp_path, max_pixels=300_000_000)
+    # 108 megapixels: over Pillow's warning limit (89.5), under its error limit (179) and the app's (300).
+    with pytest.raises(app.PhotoError, match=r"between\.png is not an image file this demo can read \(cannot load"):
+        demo.read_photo(header_only_png(tmp_path / "between.png", 12000, 9000))  # no pixels: decoding fails
+    with pytest.raises(app.PhotoError, match=r"huge\.png is 20000x20000 pixels \(400\.0 megapixels\): refused before "
+                                             r"decoding: this demo accepts photos of at most 300,000,000 pixels"):
+        demo.read_photo(header_only_png(tmp_path / "huge.png", 20000, 20000))
+    assert not [warning for warning in recwarn if issubclass(warning.category, Image.DecompressionBombWarning)]
+
+
+def test_server_serves_the_examples_and_nothing_beside_them(tiny_server, photo_folder):
+    """The example's folder holds other files: they are refused, the example itself is served (and the
+    browser test segments it)."""
+    assert tiny_server.fetch(photo_folder / "scene.png") == 200
+    assert tiny_server.fetch(photo_folder / "notes.txt") == 403
+    assert tiny_server.fetch(photo_folder / "private" / "key.txt") == 403
+    assert tiny_server.fetch(tiny_server.work_dir) == 403
+
+
+def held_bytes(value) -> int:
+    """Bytes of the arrays, tensors, images and byte strings inside nested dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, Image.Image):
+        return len(value.tobytes())
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(held_bytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(held_bytes(item) for item in value)
+    return 0
+
+
+def test_memory_held_per_session_does_not_grow(tiny_server, tmp_path):
+    """Each request from a new client is a new session. What the server keeps for the sessions (their state
+    and page values) holds no pixel data, so it does not grow with the number of sessions."""
+    photo = save_example_image(tmp_path / "large.png", index=1, image_size=(480, 640), save_label=False)[0]
+    holder = tiny_server.page.state_holder
+
+    def held():
+        return sum(held_bytes(session.state_data) + held_bytes(session.config_values)
+                   for session in list(holder.session_data.values()))
+
+    before, sessions = held(), len(holder.session_data)
+    for index in range(4):
+        client = Client(tiny_server.url, verbose=False, download_files=str(tmp_path / str(index)))
+        try:
+            api_segment(client, photo)
+        finally:
+            client.close()
+        if index == 1:
+            after_two = held()
+    assert len(holder.session_data) >= sessions + 4
+    assert held() == after_two == before, f"sessions hold {held() - before} bytes of pixel data"
 
 
 def test_two_concurrent_clients_get_their_own_results(tiny_server, tiny_oracle, tmp_path):
@@ -419,6 +547,32 @@ def test_slide_mode_reports_each_forward_pass_and_the_opacity_reblends(tiny_orac
     expected = overlay_image(tiny_oracle.processor.to_rgb(photo), segmentation, tiny_oracle.palette, 0.8)
     np.testing.assert_array_equal(np.array(reblended), np.array(expected))
     assert overlay.size == reblended.size == (400, 60)
+
+
+def test_expired_request_folders_are_removed(tiny_oracle, tmp_path):
+    demo = app.SegmentationDemo(tiny_oracle.model, tiny_oracle.processor, tmp_path)
+    old, recent, other = tmp_path / "request-old", tmp_path / "request-recent", tmp_path / "synthetic-scene-0.png"
+    for folder in (old, recent):
+        folder.mkdir()
+        (folder / "photo_classes.png").write_bytes(b"png")
+    other.write_bytes(b"png")
+    expired = time.time() - app.FILE_LIFETIME - 60
+    for path in (old, other):
+        os.utime(path, (expired, expired))
+    demo.remove_old_requests()
+    assert not old.exists() and recent.exists() and other.exists()
+
+
+def test_title_and_palette_come_from_the_config(tiny_oracle, tmp_path):
+    assert app.model_title(tiny_oracle.model.config) == "MetaSeg · 7 classes"
+    assert app.model_title(MetaSegConfig.from_preset("metaseg-t-ade20k")) == "MetaSeg-T · ADE20K · 150 classes"
+    config = MetaSegConfig.from_preset("metaseg-t-ade20k", id2label=SYNTHETIC_ID2LABEL)  # the README's demo model
+    assert app.model_title(config) == "MetaSeg-T · synthetic scenes · 5 classes"
+    demo = app.SegmentationDemo(MetaSegForSemanticSegmentation(config), tiny_oracle.processor, tmp_path)
+    np.testing.assert_array_equal(demo.palette, np.array(SYNTHETIC_PALETTE))  # background dark grey
+    legend = app.legend_html([(4, "stripes", 0.25), (0, "background", 0.75)], demo.palette)
+    assert legend_rows(legend) == [(4, "stripes", "25.00%"), (0, "background", "75.00%")]
+    assert "background:rgb(40,40,40)" in legend
 
 
 def test_without_a_model_it_trains_nothing_and_says_how_to_get_one(capsys):

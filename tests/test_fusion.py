@@ -181,26 +181,24 @@ def test_dynamo_traces_the_fused_model_without_graph_breaks_for_any_size():
             assert torch.allclose(compiled(pixel_values).logits, model(pixel_values).logits, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel, padding", [((1, 21), (0, 10)), ((11, 1), (5, 0)), ((5, 5), (2, 2)), ((3, 3), (1, 1))])
-def test_stencil_depthwise_convolution_equals_the_convolution(kernel, padding):
-    hidden_states = torch.randn(2, 6, 13, 30, dtype=torch.float64)
-    weight, bias = torch.randn(6, 1, *kernel, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
-    expected = torch.nn.functional.conv2d(hidden_states, weight, bias, padding=padding, groups=6)
-    got = ops_metaseg.stencil_depthwise_conv(hidden_states, weight, bias, padding)
-    assert (got - expected).abs().max().item() <= 1e-12
-    no_bias = ops_metaseg.stencil_depthwise_conv(hidden_states, weight, None, padding)
-    assert (no_bias + bias[:, None, None] - expected).abs().max().item() <= 1e-12
-
-
-def test_auto_depthwise_convolutions_are_stencils_only_when_compiled_for_gpu_inference(monkeypatch):
-    cpu, gpu_like = torch.empty(1, 4, 8, 8), torch.empty(1, 4, 8, 8, device="meta")
-    with torch.no_grad():
-        assert ops_metaseg.resolve_auto(gpu_like) == "library"  # eager
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        assert ops_metaseg.resolve_auto(gpu_like) == "stencil"
-        assert ops_metaseg.resolve_auto(cpu) == "library"  # oneDNN's kernels are the fast ones there
-        assert ops_metaseg.resolve_auto(gpu_like.double()) == "library"
-    assert ops_metaseg.resolve_auto(gpu_like) == "library"  # autograd on: training compiles library kernels
+@pytest.mark.parametrize("bias, affine", [(True, True), (False, False)], ids=["bias-affine", "plain"])
+def test_batch_norm_fold_is_pytorchs(bias, affine):
+    """FoldedConv.with_batch_norm is torch.nn.utils.fusion.fuse_conv_bn_weights in float64, cast to the weight's
+    dtype, for convolutions with and without bias and BatchNorms with and without affine parameters."""
+    torch.manual_seed(0)
+    conv, norm = torch.nn.Conv2d(4, 6, 3, bias=bias), torch.nn.BatchNorm2d(6, affine=affine).eval()
+    norm.running_mean.normal_(), norm.running_var.uniform_(0.5, 2)
+    folded = fusion_metaseg.FoldedConv.with_batch_norm(conv, norm)
+    weight, fused_bias = torch.nn.utils.fusion.fuse_conv_bn_weights(
+        conv.weight.double(), None if conv.bias is None else conv.bias.double(), norm.running_mean.double(),
+        norm.running_var.double(), norm.eps, None if norm.weight is None else norm.weight.double(),
+        None if norm.bias is None else norm.bias.double(),
+    )
+    assert folded.weight.dtype == torch.float32 and torch.equal(folded.weight, weight.float())
+    assert torch.equal(folded.bias, fused_bias.float())
+    x = torch.randn(2, 4, 9, 9)
+    torch.testing.assert_close(folded.eval()(x), norm(conv(x)), rtol=1e-5, atol=1e-5)
+    assert not list(folded.state_dict())  # non-persistent
 
 
 def test_depthwise_implementation_is_a_validated_config_field():

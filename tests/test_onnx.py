@@ -234,11 +234,27 @@ def test_segment_cli_with_onnx_writes_the_same_class_maps(tiny_dir, tiny_export,
 
 
 def test_onnx_model_folder_errors_name_the_fix(tmp_path):
-    pytest.importorskip("onnxruntime")
+    """Each error names the file looked for and the export command into the folder the user gave."""
     from metaseg_hf.onnx_metaseg import ORTMetaSegForSemanticSegmentation
 
-    with pytest.raises(FileNotFoundError, match="examples/export_onnx.py --model MODEL"):
-        ORTMetaSegForSemanticSegmentation.from_pretrained(tmp_path)
+    empty, missing = tmp_path / "empty", tmp_path / "missing"
+    empty.mkdir()
+    cases = {
+        empty: (empty / "model.onnx", empty),
+        missing: (missing / "model.onnx", missing),  # not yet exported: export into it, not beside it
+        missing / "model.onnx": (missing / "model.onnx", missing),
+        empty / "other.onnx": (empty / "other.onnx", empty),
+    }
+    for given, (file, folder) in cases.items():
+        with pytest.raises(FileNotFoundError) as error:
+            ORTMetaSegForSemanticSegmentation.from_pretrained(given)
+        message = str(error.value)
+        assert message.startswith(f"No ONNX model at {file}")
+        assert message.endswith(f"python examples/export_onnx.py --model MODEL --output_dir {folder}")
+        assert ("does not exist" in message) == (folder == missing)
+    (empty / "model.onnx").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=rf"{empty / 'model.onnx'} has no config.json beside it"):
+        ORTMetaSegForSemanticSegmentation.from_pretrained(empty)
 
 
 # Failures leave nothing behind; the optional packages stay optional
@@ -279,19 +295,106 @@ def test_export_refuses_half_precision_naming_the_fix(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_onnx_packages_are_optional(monkeypatch):
-    """`import metaseg_hf` (and its ONNX module) imports no ONNX package; using it without them names the extra."""
+def test_conversion_summary_reads_the_exceptions_not_the_wording():
+    """The operator and the step come from the exception classes and the exporter's frames: reworded torch
+    messages give the same summary."""
+    errors = pytest.importorskip("torch.onnx._internal.exporter._errors")
+    from metaseg_hf.onnx_metaseg import _conversion_summary
+
+    graph = torch.fx.Graph()
+    node = graph.call_function(torch.ops.aten.cummax.default, (graph.placeholder("x"), 1))
+
+    def translate(node):
+        raise errors.DispatchError("reworded in a future torch")
+
+    def convert(kind, node):
+        try:
+            translate(node)
+        except errors.DispatchError as error:
+            raise kind("a new wording of step 3, no summary section") from error
+
+    with pytest.raises(errors.ConversionError) as caught:
+        convert(errors.ConversionError, node)
+    assert _conversion_summary(caught.value) == (
+        "no ONNX implementation of the operator aten.cummax.default (step: converting the exported program to ONNX)"
+    )
+    try:
+        raise errors.TorchExportError("step 1 in other words") from ValueError("data-dependent branch\nmore lines")
+    except errors.TorchExportError as error:
+        assert _conversion_summary(error) == (
+            "ValueError: data-dependent branch (step: capturing the graph with torch.export)"
+        )
+
+
+def _tracing_recorder(monkeypatch) -> list:
+    """Records calls of torch.onnx.export (the tracing)."""
+    calls = []
+    monkeypatch.setattr(torch.onnx, "export", lambda *args, **kwargs: calls.append(args))
+    return calls
+
+
+@pytest.mark.parametrize("package", ["onnx", "onnxscript", "onnxruntime"])
+def test_missing_package_is_named_with_the_extra_before_tracing(monkeypatch, tmp_path, capsys, package):
+    from metaseg_hf.onnx_metaseg import ONNXExportError, export_onnx
+
+    traced = _tracing_recorder(monkeypatch)
+    monkeypatch.setitem(sys.modules, package, None)  # as if not installed
+    message = rf'{package} is needed.*Install the optional dependencies with: pip install "metaseg-hf\[onnx\]"'
+    with pytest.raises(ImportError, match=message):
+        export_onnx(MetaSegForSemanticSegmentation(tiny_config()), tmp_path / "out", MetaSegImageProcessor())
+    assert not traced and not (tmp_path / "out").exists()
+    if package == "onnxruntime":  # only the check needs it: without the check, the export goes on to tracing
+        with pytest.raises(ONNXExportError):  # the recorder returns no program to save
+            export_onnx(MetaSegForSemanticSegmentation(tiny_config()), tmp_path / "out", MetaSegImageProcessor(),
+                        check=False, log=lambda line: None)
+        assert len(traced) == 1
+        traced.clear()
+    # The CLI says it before loading the model (a Hub id would be downloaded first).
+    assert export_cli.main(["--model", str(tmp_path / "no-such-model"), "--output_dir", str(tmp_path / "cli")]) == 1
+    assert f"error: {package} is needed" in capsys.readouterr().err and not traced
+
+
+def test_onnx_packages_are_optional():
+    """On a machine without onnx, onnxscript and onnxruntime, `import metaseg_hf` and its ONNX module work, and
+    each ONNX entry point raises an ImportError naming the first missing package and the extra."""
     script = textwrap.dedent(
         """
-        import sys
+        import importlib.abc, importlib.machinery, sys
+        class _Missing(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+            # Importing onnx, onnxscript or onnxruntime fails as where they are not installed.
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("onnx", "onnxscript", "onnxruntime"):
+                    return importlib.machinery.ModuleSpec(name, self)
+            def create_module(self, spec):
+                raise ModuleNotFoundError(f"No module named {spec.name!r}", name=spec.name)
+        sys.meta_path.insert(0, _Missing())
+        import tempfile
+        from pathlib import Path
         import metaseg_hf
-        import metaseg_hf.onnx_metaseg
-        print(sorted(name for name in sys.modules if name.split(".")[0] in ("onnx", "onnxscript", "onnxruntime")))
+        from metaseg_hf import MetaSegForSemanticSegmentation, MetaSegImageProcessor
+        from metaseg_hf.onnx_metaseg import ORTMetaSegForSemanticSegmentation, create_session, export_onnx
+        from helpers import tiny_config
+        model = MetaSegForSemanticSegmentation(tiny_config())
+        folder = Path(tempfile.mkdtemp())  # what from_pretrained looks for, before it starts ONNX Runtime
+        model.config.to_json_file(folder / "config.json")
+        (folder / "model.onnx").write_bytes(b"")
+        calls = {
+            "export": lambda: export_onnx(model, "unused", MetaSegImageProcessor()),
+            "export without check": lambda: export_onnx(model, "unused", MetaSegImageProcessor(), check=False),
+            "session": lambda: create_session("model.onnx"),
+            "from_pretrained": lambda: ORTMetaSegForSemanticSegmentation.from_pretrained(folder),
+        }
+        for what, call in calls.items():
+            try:
+                call()
+            except ImportError as error:
+                print(what, "|", str(error).split(" is needed")[0], "|", str(error).rsplit(": ", 1)[1])
         """
     )
-    assert run_python(script).stdout.strip().splitlines()[-1] == "[]"
-    from metaseg_hf.onnx_metaseg import create_session
-
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
-    with pytest.raises(ImportError, match=r'onnxruntime is needed.*pip install "metaseg-hf\[onnx\]"'):
-        create_session("model.onnx")
+    result = run_python(script, env_overrides={"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}).stdout
+    assert result.strip().splitlines() == [
+        'export | onnx | pip install "metaseg-hf[onnx]"',
+        'export without check | onnx | pip install "metaseg-hf[onnx]"',
+        'session | onnxruntime | pip install "metaseg-hf[onnx]"',
+        'from_pretrained | onnxruntime | pip install "metaseg-hf[onnx]"',
+    ], result

@@ -80,7 +80,8 @@ def test_unknown_implementation_names_the_choices():
 
 @pytest.mark.parametrize(
     "kernel_size, padding, with_bias",
-    [((3, 3), 1, True), ((5, 5), (2, 2), False), ((1, 7), (0, 3), True), ((21, 1), (10, 0), True), ((3, 3), 0, True)],
+    [((3, 3), 1, True), ((5, 5), (2, 2), False), ((1, 7), (0, 3), True), ((21, 1), (10, 0), True), ((3, 3), 0, True),
+     ((1, 21), (0, 10), False)],
 )
 def test_library_and_stencil_match_conv2d_in_float64(kernel_size, padding, with_bias):
     generator = torch.Generator().manual_seed(0)
@@ -115,35 +116,78 @@ def test_msca_library_and_stencil_match_the_module_formula_in_float64():
         torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12)
 
 
-def test_supports_and_reasons(triton_interpreter):
+@pytest.fixture
+def implementations_run(monkeypatch) -> list:
+    """The implementations that the calls of the test run: "triton" (a Triton operator), "stencil" (the
+    shifted-slice form) or, when neither, "library" is what ran. Recorded in call order."""
+    calls = []
+    for name, implementation in (("_triton_depthwise", "triton"), ("_triton_msca", "triton"),
+                                 ("stencil_depthwise_conv", "stencil")):
+        original = getattr(ops_metaseg, name)
+        monkeypatch.setattr(
+            ops_metaseg, name, lambda *a, _f=original, _i=implementation, **k: calls.append(_i) or _f(*a, **k)
+        )
+    return calls
+
+
+def test_supports_and_reasons(triton_interpreter, implementations_run):
     x, weight = torch.zeros(1, 4, 5, 5), torch.zeros(4, 1, 3, 3)
     assert ops_metaseg.is_triton_available(x) and ops_metaseg.supports(x, weight, 1)
     assert ops_metaseg.supports(x.bfloat16(), weight, (1, 1)) and ops_metaseg.supports(x.half(), weight, 1)
     unsupported = {
-        "float64": (x.double(), weight, 1),
+        "float64": (x.double(), weight.double(), 1),
         "odd kernel sizes": (x, torch.zeros(4, 1, 2, 3), (1, 1)),
         "'same' convolutions": (x, weight, 0),
         "depthwise weight": (x, torch.zeros(3, 1, 3, 3), 1),
         "(B, C, H, W)": (torch.zeros(4, 5, 5), weight, 1),
     }
-    for expected, arguments in unsupported.items():
-        reason = ops_metaseg.triton_unsupported_reason(*arguments)
+    for expected, (inputs, weights, padding) in unsupported.items():
+        reason = ops_metaseg.triton_unsupported_reason(inputs, weights, padding)
         assert reason is not None and expected in reason, (expected, reason)
-        with pytest.raises(ValueError, match="implementation='triton' cannot run here"):
-            ops_metaseg.depthwise_conv2d(*arguments[:2], None, arguments[2], "triton")
-    # "auto" runs the library in eager calls (Triton joins it once measured faster on a GPU)
-    x64, w64 = torch.randn(1, 4, 5, 5, dtype=torch.float64), torch.randn(4, 1, 3, 3, dtype=torch.float64)
-    torch.testing.assert_close(
-        ops_metaseg.depthwise_conv2d(x64, w64, None, 1, "auto"), F.conv2d(x64, w64, padding=1, groups=4)
-    )
+        # "triton" refuses with that reason before running anything
+        with pytest.raises(ValueError, match="implementation='triton' cannot run here") as error:
+            ops_metaseg.depthwise_conv2d(inputs, weights, None, padding, "triton")
+        assert reason in str(error.value) and implementations_run == [], expected
+    # "auto" runs the library in eager calls, on inputs Triton takes and on those it does not (Triton joins it
+    # once measured faster on a GPU)
+    for inputs, weights, padding in [(x, weight, 1), *unsupported.values()][:3]:
+        ops_metaseg.depthwise_conv2d(inputs, weights, None, padding, "auto")
+        ops_metaseg.depthwise_conv2d_gelu(inputs, weights, None, padding, "auto")
+    assert implementations_run == []
+    strips = [torch.zeros(4, 1, 1, 3)], [None], [torch.zeros(4, 1, 3, 1)], [None]
+    ops_metaseg.msca_spatial(x, torch.zeros(4, 1, 5, 5), None, *strips, "auto")
+    assert implementations_run == []
     assert "1 to 3 strip pairs" in ops_metaseg.msca_unsupported_reason(x, torch.zeros(4, 1, 5, 5), [], [])
+    with pytest.raises(ValueError, match="1 to 3 strip pairs"):
+        ops_metaseg.msca_spatial(x, torch.zeros(4, 1, 5, 5), None, [], [], [], [], "triton")
+    assert implementations_run == []
+    # ... and the named implementations run as named
+    ops_metaseg.depthwise_conv2d(x, weight, None, 1, "triton")
+    ops_metaseg.depthwise_conv2d(x, weight, None, 1, "stencil")
+    ops_metaseg.msca_spatial(x, torch.zeros(4, 1, 5, 5), None, *strips, "triton")
+    assert implementations_run == ["triton", "stencil", "triton"]
 
 
-def test_no_triton_on_cpu_without_the_interpreter_nor_without_triton(monkeypatch):
+def test_auto_runs_stencils_only_while_compiling_gpu_inference(monkeypatch, implementations_run):
+    gpu_like, weight = torch.zeros(1, 4, 5, 5, device="meta"), torch.zeros(4, 1, 3, 3, device="meta")
+    with torch.no_grad():
+        ops_metaseg.depthwise_conv2d(gpu_like, weight, None, 1, "auto")  # eager
+        assert implementations_run == []
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        ops_metaseg.depthwise_conv2d(gpu_like, weight, None, 1, "auto")
+        assert implementations_run == ["stencil"]
+        ops_metaseg.depthwise_conv2d(gpu_like.double(), weight.double(), None, 1, "auto")  # no float64 stencils
+        ops_metaseg.depthwise_conv2d(torch.zeros(1, 4, 5, 5), torch.zeros(4, 1, 3, 3), None, 1, "auto")  # CPU: oneDNN
+    ops_metaseg.depthwise_conv2d(gpu_like, weight, None, 1, "auto")  # autograd on: training compiles the library
+    assert implementations_run == ["stencil"]
+
+
+def test_no_triton_on_cpu_without_the_interpreter_nor_without_triton(monkeypatch, implementations_run):
     x, weight = torch.zeros(1, 4, 5, 5), torch.zeros(4, 1, 3, 3)
     monkeypatch.setattr(ops_metaseg, "_TRITON_IMPORT_ERROR", "triton cannot be imported (No module named 'triton')")
     assert "triton cannot be imported" in ops_metaseg.triton_unsupported_reason(x, weight, 1)
-    assert ops_metaseg.depthwise_conv2d(x, weight, None, 1, "auto").shape == x.shape  # the library
+    assert ops_metaseg.depthwise_conv2d(x, weight, None, 1, "auto").shape == x.shape
+    assert implementations_run == []  # the library ran
     monkeypatch.delenv("TRITON_INTERPRET")
     assert not ops_metaseg.is_triton_available(x)
     assert "CUDA" in ops_metaseg.triton_unsupported_reason(x, weight, 1)
@@ -280,16 +324,30 @@ def test_triton_msca_matches_conv2d_and_autograd(
 
 
 def test_triton_ops_are_registered_custom_ops(triton_interpreter):
-    """`torch.library.opcheck`: schema, autograd registration and fake-tensor (torch.compile) behaviour."""
+    """`torch.library.opcheck` of all four operators: schema, autograd registration (the forward operators)
+    and fake-tensor (torch.compile) behaviour."""
     ops_metaseg.load_triton_ops()
     generator = torch.Generator().manual_seed(5)
-    x = torch.randn(1, 3, 4, 5, generator=generator, requires_grad=True)
-    weight = torch.randn(3, 1, 3, 3, generator=generator, requires_grad=True)
-    bias = torch.randn(3, generator=generator, requires_grad=True)
+
+    def tensor(*shape, grad=False):
+        return torch.randn(*shape, generator=generator).requires_grad_(grad)
+
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    x, weight, bias = tensor(1, 3, 4, 5, grad=True), tensor(3, 1, 3, 3, grad=True), tensor(3, grad=True)
+    torch.library.opcheck(torch.ops.metaseg.depthwise_conv2d.default, (x, weight, bias, True, 0, 0), test_utils=checks)
     torch.library.opcheck(
-        torch.ops.metaseg.depthwise_conv2d.default,
-        (x, weight, bias, True, 0, 0),
-        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+        torch.ops.metaseg.depthwise_conv2d_backward.default,
+        (tensor(1, 3, 4, 5), x.detach(), weight.detach(), bias.detach(), True, 0, 0),
+        test_utils=checks,
+    )
+    sizes, longest = [3, 5], 5  # strips packed as (NS, C, SMAX) weights, taps left-aligned, and (NS, C) biases
+    msca_inputs = [x, tensor(3, 1, 3, 3, grad=True), tensor(3, grad=True), tensor(2, 3, longest, grad=True),
+                   tensor(2, 3, grad=True), tensor(2, 3, longest, grad=True), tensor(2, 3, grad=True)]
+    torch.library.opcheck(torch.ops.metaseg.msca_spatial.default, (*msca_inputs, sizes, 0, 0, 0), test_utils=checks)
+    torch.library.opcheck(
+        torch.ops.metaseg.msca_spatial_backward.default,
+        (tensor(1, 3, 4, 5), *(value.detach() for value in msca_inputs), sizes),
+        test_utils=checks,
     )
 
 
