@@ -24,7 +24,6 @@ results and model card -> push to the Hub.
 import argparse
 import json
 import math
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -51,7 +50,7 @@ from metaseg_hf.data import (
     train_augmentation,
 )
 from metaseg_hf.evaluation import evaluate_segmentation
-from metaseg_hf.hub import push_folder_to_hub, training_card_sections, write_model_card
+from metaseg_hf.hub import push_folder_to_hub, recorded_command, training_card_sections, write_model_card
 from metaseg_hf.metrics import StreamingMeanIoU, format_results_table, results_to_json
 from metaseg_hf.presets import OFFICIAL_TRAINING_RECIPE
 from metaseg_hf.synthetic import SYNTHETIC_DEMO_RECIPE, SYNTHETIC_IMAGE_SIZE
@@ -385,7 +384,8 @@ def main(argv=None):
     if accelerator.is_main_process:
         image_processor.save_pretrained(output_dir)
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-        command = "accelerate launch examples/train.py " + " ".join(shlex.quote(arg) for arg in (argv if argv is not None else sys.argv[1:]))
+        command = recorded_command("accelerate launch examples/train.py", argv if argv is not None else sys.argv[1:],
+                                   secrets=[args.hub_token])
         sections = training_card_sections(data.description, data.id2label, hyperparameters, eval_results, command)
         title = args.hub_model_id.split("/")[-1] if args.hub_model_id else output_dir.name
         write_model_card(output_dir, unwrapped.config, title, sections, datasets=[data.hub_dataset_id] if data.hub_dataset_id else None)

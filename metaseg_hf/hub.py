@@ -2,6 +2,7 @@
 
 import math
 import os
+import shlex
 from pathlib import Path
 
 from huggingface_hub import HfApi
@@ -66,6 +67,18 @@ def training_card_sections(data_description: str, id2label: dict, hyperparameter
         lines += [f"| {row['name']} | {_percent(row['iou'])} | {_percent(row['accuracy'])} |" for row in results["per_class"]]
         sections["Evaluation results"] = "\n".join(lines)
     return sections
+
+
+def recorded_command(program: str, argv, secrets=()) -> str:
+    """The shell command `program argv...` as the model card records it, every secret (a token given on the
+    command line, whatever the flag's spelling) replaced by `<redacted>`, so that no token is published."""
+    secrets = [secret for secret in secrets if secret]
+    words = []
+    for word in argv:
+        for secret in secrets:
+            word = word.replace(secret, "<redacted>")
+        words.append(shlex.quote(word))
+    return " ".join([program, *words])
 
 
 def write_model_card(folder: str | os.PathLike, config, title: str, sections: dict[str, str], datasets=None) -> Path:

@@ -312,6 +312,9 @@ _FAKE_HUB = textwrap.dedent(
 )
 
 
+SECRET_TOKEN = "hf_SecretTokenThatMustNotBePublished"
+
+
 def test_push_to_hub_uploads_a_pipeline_ready_folder(tmp_path, tiny_model_dir, small_data):
     from PIL import Image
     from transformers import pipeline
@@ -322,7 +325,7 @@ def test_push_to_hub_uploads_a_pipeline_ready_folder(tmp_path, tiny_model_dir, s
     store.mkdir()
     launcher = [sys.executable, str(wrapper), str(TRAIN_SCRIPT)]
     args = ["--model_name_or_path", tiny_model_dir, *data_args(small_data), *FAST, "--max_train_steps", "2",
-            "--checkpointing_steps", "1", "--push_to_hub", "--hub_model_id", "metaseg-tiny-test", "--hub_token", "hf_fake"]
+            "--checkpointing_steps", "1", "--push_to_hub", "--hub_model_id", "metaseg-tiny-test", "--hub_token", SECRET_TOKEN]
     hub_env = {"FAKE_HUB_DIR": str(store), "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home")}
     completed = run_train(args + ["--output_dir", tmp_path / "out"], launcher=launcher, env=environment(**hub_env))
     assert "Uploaded to https://huggingface.co/tester/metaseg-tiny-test" in completed.stdout
@@ -334,6 +337,11 @@ def test_push_to_hub_uploads_a_pipeline_ready_folder(tmp_path, tiny_model_dir, s
     segments = segmenter(Image.new("RGB", (90, 70), (120, 60, 30)))
     assert segments and all(segment["mask"].size == (90, 70) for segment in segments)
     assert "mIoU" in (uploaded / "README.md").read_text()
+    # The token given on the command line is in no file written or uploaded (the card records the command).
+    assert "--hub_token '<redacted>'" in (uploaded / "README.md").read_text()
+    written = [path for folder in (uploaded, tmp_path / "out") for path in folder.rglob("*") if path.is_file()]
+    leaking = [str(path) for path in written if SECRET_TOKEN.encode() in path.read_bytes()]
+    assert not leaking, f"the Hub token is written in {leaking}"
 
     # An upload failure reports the error and leaves the local output complete.
     failing = run_train(args + ["--output_dir", tmp_path / "out2"], launcher=launcher,
