@@ -39,7 +39,9 @@ from metaseg_hf.checkpoints import (
     read_training_state,
     remove_incomplete_checkpoints,
     resolve_checkpoint,
+    restore_scheduler,
     save_checkpoint,
+    scheduler_state,
 )
 from metaseg_hf.data import (
     DATASET_FORMATS,
@@ -240,7 +242,8 @@ def main(argv=None):
         optimizer, recipe["lr_scheduler_type"], recipe["num_warmup_steps"], max_train_steps,
         recipe["warmup_ratio"], recipe["poly_power"],
     )
-    accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
+    # The scheduler (stepped by us once per optimizer step) is saved as plain data in the checkpoint's marker,
+    # not registered with Accelerate, which would pickle it and unpickle it unsafely on resume.
     hyperparameters = {
         "initialisation": args.model_name_or_path or f"{args.config_name or 'metaseg-t'} from scratch"
         + (f" + encoder {Path(args.backbone_checkpoint).name}" if args.backbone_checkpoint else ""),
@@ -275,8 +278,9 @@ def main(argv=None):
     completed_steps, starting_epoch, skip_batches = 0, 0, 0
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
     if checkpoint is not None:
+        state = read_training_state(checkpoint)  # first: it refuses a checkpoint that load_state would unpickle unsafely
         accelerator.load_state(str(checkpoint))
-        state = read_training_state(checkpoint)
+        restore_scheduler(scheduler, state)
         completed_steps, starting_epoch, skip_batches = state["completed_steps"], state["epoch"], state["batches_in_epoch"]
         if skip_batches >= len(train_dataloader):
             starting_epoch, skip_batches = starting_epoch + 1, 0
@@ -297,7 +301,8 @@ def main(argv=None):
     def checkpoint_now(epoch, batches_in_epoch):
         save_checkpoint(
             accelerator, output_dir, completed_steps,
-            {"completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batches_in_epoch},
+            {"completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
+             "scheduler": scheduler_state(scheduler)},
             total_limit=args.checkpoints_total_limit,
         )
 

@@ -181,6 +181,66 @@ def test_sigkill_then_resume_latest_gives_the_uninterrupted_run(tmp_path, tiny_m
         assert json.loads((tmp_path / name / "all_results.json").read_text())["train_steps"] == 8
 
 
+class _PlantedCode:
+    """Unpickling this runs `os.mkdir(path)`: the trace left by code planted in a checkpoint file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_resume_runs_no_code_planted_in_the_checkpoint_pickles(tmp_path, tiny_model_dir, small_data):
+    """Every *.pkl of a checkpoint (and Accelerate's custom-object file, as main's runs wrote it) replaced
+    by a pickle that would run code: resuming must not unpickle any of them unsafely."""
+    output = tmp_path / "out"
+    args = ["--model_name_or_path", tiny_model_dir, *data_args(small_data), *FAST, "--checkpointing_steps", "2",
+            "--output_dir", output]
+    run_train(args + ["--max_train_steps", "2"])
+    checkpoint = output / "checkpoint-2"
+    assert "scheduler" in json.loads((checkpoint / "checkpoint_complete.json").read_text())  # kept as plain data
+    planted = sorted(checkpoint.glob("*.pkl"))
+    assert planted  # Accelerate's RNG states are a pickle
+    for index, path in enumerate(planted):
+        torch.save(_PlantedCode(tmp_path / f"code-ran-{index}"), path)
+    resume = args + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"]
+    completed = run_train(resume, check=False)
+    assert not list(tmp_path.glob("code-ran-*")), "code planted in a checkpoint ran on resume"
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "Resumed from" in completed.stdout and json.loads((output / "all_results.json").read_text())["train_steps"] == 3
+
+    # Accelerate's custom-object file (main's runs saved the scheduler so) is refused before anything is loaded.
+    torch.save(_PlantedCode(tmp_path / "code-ran-custom"), output / "checkpoint-2" / "custom_checkpoint_0.pkl")
+    refused = run_train(resume, check=False)
+    assert not list(tmp_path.glob("code-ran-*")), "code planted in a checkpoint ran on resume"
+    assert refused.returncode != 0 and "custom_checkpoint_0.pkl" in refused.stderr and "delete" in refused.stderr
+
+
+def test_scheduler_is_restored_from_plain_data_or_the_recorded_step():
+    from metaseg_hf.checkpoints import restore_scheduler, scheduler_state
+    from metaseg_hf.training import create_scheduler
+
+    def scheduler_after(steps):
+        optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+        scheduler = create_scheduler(optimizer, "polynomial", num_warmup_steps=3, num_training_steps=10)
+        for _ in range(steps):
+            optimizer.step()
+            scheduler.step()
+        return optimizer, scheduler
+
+    _, trained = scheduler_after(5)
+    state = json.loads(json.dumps({"completed_steps": 5, "scheduler": scheduler_state(trained)}))
+    for saved in (state, {"completed_steps": 5}):  # plain data; older checkpoints: the recorded step
+        optimizer, fresh = scheduler_after(0)
+        restore_scheduler(fresh, saved)
+        assert fresh.last_epoch == 5 and fresh.get_last_lr() == trained.get_last_lr()
+        optimizer.step()
+        fresh.step()
+        trained_copy = scheduler_after(6)[1]
+        assert fresh.get_last_lr() == trained_copy.get_last_lr()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Folder layouts, bad data
 # ---------------------------------------------------------------------------------------------------
