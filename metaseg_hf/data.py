@@ -209,11 +209,18 @@ def imagefolder_pairs(folder: str | os.PathLike) -> list[tuple[Path, Path]]:
             f"{folder}/labels/ (or annotations/, masks/) with one class-id PNG per image, same file names"
         )
     labels_dir = label_dirs[0]
-    pairs = []
+    pairs, image_of_label = [], {}
     for image_path in _non_empty(_images_under(images_dir), f"{images_dir} (extensions {', '.join(IMAGE_EXTENSIONS)})"):
-        relative = image_path.relative_to(images_dir).with_suffix("")
-        candidates = [labels_dir / relative.with_suffix(extension) for extension in LABEL_EXTENSIONS]
+        relative = image_path.relative_to(images_dir)
+        # Only the extension goes: `2021.05.03.jpg` pairs with `2021.05.03.png`.
+        candidates = [labels_dir / relative.parent / (relative.stem + extension) for extension in LABEL_EXTENSIONS]
         label_path = next((path for path in candidates if path.is_file()), candidates[0])
+        if label_path in image_of_label:
+            raise DataError(
+                f"Two images share one label: {image_of_label[label_path]} and {image_path} both pair with "
+                f"{label_path}; rename one image (and give it its own label file)"
+            )
+        image_of_label[label_path] = image_path
         pairs.append((image_path, label_path))
     return check_label_files(pairs, str(labels_dir))
 

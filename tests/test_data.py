@@ -14,6 +14,7 @@ from metaseg_hf.data import (
     SegmentationEvalDataset,
     SegmentationTrainDataset,
     TrainAugmentation,
+    imagefolder_pairs,
     load_segmentation_data,
     photometric_distortion,
     prepare_label,
@@ -157,6 +158,27 @@ def test_missing_label_file_is_named(tmp_path):
     next((tmp_path / "ade" / "ADEChallengeData2016" / "annotations" / "validation").glob("*.png")).unlink()
     with pytest.raises(DataError, match=r"ADE_validation_00000000\.jpg"):
         load_segmentation_data(train_dir=tmp_path / "ade", dataset_format="ade20k")
+
+
+def test_dotted_file_names_pair_with_their_own_label(tmp_path):
+    """`2021.05.03.jpg` pairs with `2021.05.03.png`, never with `2021.05.png`; two images that would share
+    one label file are refused."""
+    folder = tmp_path / "train"
+    for index, name in enumerate(["2021.05.03", "2021.05.04"]):
+        image, label = scene(index)
+        (folder / "images" / "day").mkdir(parents=True, exist_ok=True)
+        (folder / "labels" / "day").mkdir(parents=True, exist_ok=True)
+        image.save(folder / "images" / "day" / f"{name}.jpg")
+        label.save(folder / "labels" / "day" / f"{name}.png")
+    Image.fromarray(np.zeros((48, 64), dtype=np.uint8)).save(folder / "labels" / "day" / "2021.05.png")  # a decoy
+    pairs = imagefolder_pairs(folder)
+    assert [(image.name, label.name) for image, label in pairs] == [
+        ("2021.05.03.jpg", "2021.05.03.png"), ("2021.05.04.jpg", "2021.05.04.png")
+    ]
+    scene(0)[0].save(folder / "images" / "day" / "2021.05.03.png")
+    with pytest.raises(DataError, match=r"Two images share one label: .*2021\.05\.03\.jpg and .*2021\.05\.03\.png "
+                                        r"both pair with .*labels/day/2021\.05\.03\.png"):
+        imagefolder_pairs(folder)
 
 
 def test_out_of_range_label_values_are_named(tmp_path):
