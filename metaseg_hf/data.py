@@ -29,6 +29,7 @@ reproducible whatever the number of workers or processes, and resuming needs no 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -82,6 +83,7 @@ class SegmentationSplit:
     dataset: object = None
     image_column: str | None = None
     label_column: str | None = None
+    _labels: object = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.dataset) if self.dataset is not None else len(self.pairs)
@@ -103,10 +105,7 @@ class SegmentationSplit:
             name, label_name = str(image), str(label)
             if not Path(label).is_file():
                 raise DataError(f"Missing label file for {image}: {label} does not exist")
-        if isinstance(image, (str, os.PathLike)):
-            image = _read(open_image_file, image, name)
-        if isinstance(label, (str, os.PathLike)):
-            label = _read(open_image_file, label, label_name)
+        image, label = _undecoded(image, name), _undecoded(label, label_name)
         if isinstance(image, Image.Image) and isinstance(label, Image.Image):
             label = _orient_label_like_image(label, image)
         rgb = _read(read_image, image, name)
@@ -119,6 +118,20 @@ class SegmentationSplit:
                 f"(HxW) but the label is {label.shape[0]}x{label.shape[1]}"
             )
         return Image.fromarray(rgb.numpy()), label, name
+
+    def load_label(self, index: int):
+        """(label as an (H, W) int64 numpy array of raw values, name), reading the label alone (no image)."""
+        if self.dataset is not None:
+            if self._labels is None:  # the label column alone: the images are not decoded
+                select = getattr(self.dataset, "select_columns", None)
+                self._labels = select([self.label_column]) if select is not None else self.dataset
+            label, name = self._labels[int(index)][self.label_column], f"label of {self.sample_name(index)}"
+        else:
+            image, label = self.pairs[index]
+            name = str(label)
+            if not Path(label).is_file():
+                raise DataError(f"Missing label file for {image}: {label} does not exist")
+        return _read(read_label, _undecoded(label, name), name).numpy(), name
 
     def subset(self, indices, name: str) -> SegmentationSplit:
         """The same split restricted to `indices` (used to carve a validation split out of train)."""
@@ -135,6 +148,29 @@ def _read(reader, value, name: str):
         return reader(value, name)
     except (TypeError, ValueError) as error:
         raise DataError(str(error)) from error
+
+
+def _undecoded(value, name: str):
+    """A sample's image or label as `image_io` reads it: a file path or an encoded `datasets` image (a
+    `{"bytes", "path"}` dict: the columns are read undecoded, so that EXIF orientation is applied here, to
+    the image and its label alike, as for folders) opened with Pillow; a nested list (a `datasets` List or
+    Array2D label) as a numpy array; anything else as it is."""
+    if isinstance(value, (str, os.PathLike)):
+        return _read(open_image_file, value, name)
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):
+        if value.get("bytes") is not None:
+            try:
+                image = Image.open(io.BytesIO(value["bytes"]))
+                image.load()
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                raise DataError(f"`{name}` holds bytes that are not a readable image ({error})") from None
+            return image
+        if value.get("path"):
+            return _read(open_image_file, value["path"], name)
+        raise DataError(f"`{name}` is empty: neither image bytes nor a path")
+    if isinstance(value, list):
+        return np.asarray(value)
+    return value
 
 
 def _orient_label_like_image(label: Image.Image, image: Image.Image) -> Image.Image:
@@ -294,17 +330,11 @@ def _read_id2label(*folders) -> dict | None:
 
 
 def infer_num_labels(splits, reduce_labels: bool, ignore_index: int = IGNORE_INDEX) -> int:
-    """The number of classes as (largest label value + 1) over the given splits (reads every label)."""
+    """The number of classes as (largest label value + 1) over the given splits (reads every label, not the images)."""
     largest = -1
     for split in splits:
         for index in range(len(split)):
-            if split.dataset is not None:
-                label, name = split.dataset[index][split.label_column], f"label of {split.sample_name(index)}"
-            else:
-                label, name = split.pairs[index][1], str(split.pairs[index][1])
-                if not Path(label).is_file():
-                    raise DataError(f"Missing label file for {split.pairs[index][0]}: {label} does not exist")
-            values = torch.unique(_read(read_label, label, name))
+            values = torch.unique(torch.from_numpy(split.load_label(index)[0]))
             if reduce_labels:
                 values = reduce_zero_label(values, ignore_index)
             values = values[values != ignore_index]
@@ -326,6 +356,36 @@ def _column(names, candidates, explicit, what, source):
     raise DataError(
         f"{source}: cannot find the {what} column among {', '.join(names)}; name it with --{what}_column_name"
     )
+
+
+def _undecoded_columns(rows, dataset_name: str, image_column: str, label_column: str):
+    """`rows` with its image and label columns checked and set to undecoded (`datasets.Image(decode=False)`):
+    `datasets` would apply the image's EXIF orientation on decoding but not its label's, `SegmentationSplit`
+    decodes both with `image_io`. A label column of class names (a classification set: an images/ + labels/
+    folder read as one) or of other non-map types is refused, naming the column and the fix."""
+    import datasets
+
+    features = rows.features
+    image, label = features[image_column], features[label_column]
+    maps = (datasets.Image, datasets.Array2D, datasets.List, datasets.Sequence, datasets.LargeList)
+    if isinstance(label, datasets.ClassLabel) and Path(dataset_name).is_dir() and (Path(dataset_name) / "images").is_dir():
+        raise DataError(
+            f"{dataset_name} was read as an image classification set (column {label_column!r} is the folder name "
+            f"{label.names}): for an images/ + labels/ folder, use --train_dir {dataset_name} (--data_dir for evaluate.py)"
+        )
+    for column, feature, allowed, expected in (
+        (image_column, image, (datasets.Image, datasets.Array3D, datasets.List, datasets.Sequence), "images"),
+        (label_column, label, maps, "label maps (an Image of class ids, or an Array2D / nested list of ints)"),
+    ):
+        if not isinstance(feature, allowed):
+            raise DataError(
+                f"{dataset_name}: column {column!r} is {feature}, which cannot hold {expected}; name the right "
+                f"column with --{'image' if column == image_column else 'label'}_column_name"
+            )
+    for column, feature in ((image_column, image), (label_column, label)):
+        if isinstance(feature, datasets.Image) and feature.decode:
+            rows = rows.cast_column(column, datasets.Image(decode=False))
+    return rows
 
 
 def _load_dataset_dict(dataset_name: str):
@@ -351,6 +411,7 @@ def _dataset_split(loaded, dataset_name: str, split: str, role: str, image_colum
     label_column = _column(rows.column_names, LABEL_COLUMN_NAMES, label_column, "label", dataset_name)
     if len(rows) == 0:
         raise DataError(f"Empty split: {dataset_name}[{split}] has no rows")
+    rows = _undecoded_columns(rows, dataset_name, image_column, label_column)
     return SegmentationSplit(role, f"{dataset_name}[{split}]", dataset=rows, image_column=image_column, label_column=label_column)
 
 

@@ -227,6 +227,77 @@ def test_labels_follow_their_images_exif_orientation(tmp_path):
     assert np.array_equal(loaded_label, np.asarray(label.transpose(Image.Transpose.ROTATE_270)))
 
 
+def _encoded(image, **save):
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG" if image.mode == "RGB" else "PNG", **save)
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def test_datasets_source_turns_labels_with_exif_like_folders(tmp_path):
+    """The same EXIF-rotated photo and label, from a folder and from a saved `datasets` dataset: same pixels."""
+    import datasets
+
+    make_imagefolder(tmp_path / "train", 2)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees clockwise
+    rows = {"image": [], "label": []}
+    for index, size in enumerate([(48, 64), (56, 56)]):  # non-square and square
+        image, label = scene(index, size)
+        image.save(tmp_path / "train" / "images" / f"img{index}.jpg", exif=exif)
+        label.save(tmp_path / "train" / "labels" / f"img{index}.png")
+        rows["image"].append(_encoded(image, exif=exif))
+        rows["label"].append(_encoded(label))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=features)}).save_to_disk(str(tmp_path / "saved"))
+    folder = load_segmentation_data(train_dir=tmp_path / "train", train_val_split=0, id2label={0: "a"})
+    hub = load_segmentation_data(dataset_name=str(tmp_path / "saved"), train_val_split=0, id2label={0: "a"})
+    for index in range(2):
+        from_folder, from_hub = folder.train.load(index), hub.train.load(index)
+        assert np.array_equal(np.asarray(from_hub[0]), np.asarray(from_folder[0]))
+        assert np.array_equal(from_hub[1], from_folder[1])
+    assert from_folder[1].shape == (56, 56) and not np.array_equal(from_folder[1], np.asarray(scene(1, (56, 56))[1]))
+
+
+def test_datasets_columns_are_checked_by_type(tmp_path):
+    import datasets
+
+    # An images/ + labels/ folder given as a dataset loads as a classification set: pointed to --train_dir.
+    make_imagefolder(tmp_path / "folder", 3)
+    with pytest.raises(DataError, match=r"image classification set .*--train_dir .*folder"):
+        load_segmentation_data(dataset_name=str(tmp_path / "folder"))
+    # A class-name column is not a label map.
+    image = _encoded(scene(0)[0])
+    named = datasets.Dataset.from_dict({"image": [image] * 2, "label": [0, 1]}, features=datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])}))
+    named.save_to_disk(str(tmp_path / "named"))
+    with pytest.raises(DataError, match=r"column 'label' is ClassLabel.*cannot hold label maps.*--label_column_name"):
+        load_segmentation_data(dataset_name=str(tmp_path / "named"))
+    # Array2D and nested-list label maps are read as they are documented to be.
+    label = np.asarray(scene(0)[1])
+    for feature in (datasets.Array2D(label.shape, "uint8"), datasets.List(datasets.List(datasets.Value("int64")))):
+        rows = datasets.Dataset.from_dict({"image": [image] * 2, "label": [label.tolist()] * 2},
+                                          features=datasets.Features({"image": datasets.Image(), "label": feature}))
+        rows.save_to_disk(str(tmp_path / "maps"))
+        data = load_segmentation_data(dataset_name=str(tmp_path / "maps"), train_val_split=0)
+        assert data.num_labels == int(label.max()) + 1
+        assert np.array_equal(data.train.load(1)[1], label)
+
+
+def test_class_count_reads_the_labels_only(tmp_path):
+    """Counting classes off the labels never decodes an image (here every image is unreadable)."""
+    import datasets
+
+    rows = {"image": [{"bytes": b"not an image", "path": None}] * 3, "label": [_encoded(scene(i)[1]) for i in range(3)]}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "saved"))
+    data = load_segmentation_data(dataset_name=str(tmp_path / "saved"), train_val_split=0)
+    assert data.num_labels == max(int(np.asarray(scene(i)[1]).max()) for i in range(3)) + 1
+    with pytest.raises(DataError, match=r"row 0.* not a readable image"):
+        data.train.load(0)
+
+
 def test_colour_label_images_are_refused(tmp_path):
     make_imagefolder(tmp_path / "train", 2)
     Image.new("RGB", (64, 48)).save(tmp_path / "train" / "labels" / "img0.png")
