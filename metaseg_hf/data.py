@@ -20,8 +20,9 @@ image, label values that are neither a class id nor the ignore index, an image a
 sizes, an empty split.
 
 The training augmentation (`TrainAugmentation`) is MMSegmentation's pipeline of the official configs,
-in numpy/PIL: random rescale of the (long, short) box by 0.5-2.0 keeping the aspect ratio, random crop
-retried up to 10 times while one class covers more than `cat_max_ratio` of it, horizontal flip,
+in numpy: random rescale of the (long, short) box by 0.5-2.0 keeping the aspect ratio (OpenCV's bilinear and
+nearest resizes, bit for bit, from `resize_opencv`), random crop retried up to 10 times while one class covers
+more than `cat_max_ratio` of it, horizontal flip,
 photometric distortion, normalisation, padding to the crop (image 0, labels the ignore index). Each
 sample's randomness comes from `numpy.random.default_rng([seed, epoch, index])`, so a run is
 reproducible whatever the number of workers or processes, and resuming needs no sampler state.
@@ -38,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from transformers.image_utils import SizeDict
 
 from .image_io import (
     IGNORE_INDEX,
@@ -51,6 +53,7 @@ from .image_io import (
 from .image_processing_metaseg import normalization_constants
 from .inference_metaseg import preprocess_scales
 from .presets import DATASET_CLASSES, DATASETS, OFFICIAL_TRAINING_RECIPE
+from .resize_opencv import opencv_linear_resize, opencv_nearest_resize, resize_steps
 
 DATASET_FORMATS = ("imagefolder", "ade20k", "cityscapes")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -589,37 +592,38 @@ def load_evaluation_split(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _rgb_to_hsv(image: np.ndarray) -> np.ndarray:
-    """uint8 RGB -> float HSV in OpenCV's 8-bit convention (H in [0, 180), S and V in [0, 255])."""
-    rgb = image.astype(np.float32)
-    value = rgb.max(axis=-1)
-    delta = value - rgb.min(axis=-1)
+# Which of (chroma, second, 0) each of R, G, B takes in each 60-degree hue sector (OpenCV's HSV -> RGB).
+_SECTOR_CHROMA = np.array([[1, 0, 0, 0, 0, 1], [0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0]], dtype=np.float32)
+_SECTOR_SECOND = np.array([[0, 1, 0, 0, 1, 0], [1, 0, 0, 1, 0, 0], [0, 0, 1, 0, 0, 1]], dtype=np.float32)
+
+
+def _rgb_to_hsv(image: np.ndarray):
+    """uint8 RGB (H, W, 3) -> float32 HSV planes (hue, saturation, value), each (H, W), in OpenCV's 8-bit
+    convention (H in [0, 180), S and V in [0, 255], rounded as OpenCV rounds them)."""
+    red, green, blue = (image[..., channel].astype(np.float32) for channel in range(3))
+    value = np.maximum(np.maximum(red, green), blue)
+    delta = value - np.minimum(np.minimum(red, green), blue)
     saturation = np.where(value > 0, 255.0 * delta / np.maximum(value, 1e-6), 0.0)
-    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     safe = np.maximum(delta, 1e-6)
-    hue = np.where(
-        value == red, 60.0 * (green - blue) / safe, np.where(value == green, 120.0 + 60.0 * (blue - red) / safe, 240.0 + 60.0 * (red - green) / safe)
-    )
+    is_red, is_green = value == red, value == green
+    difference = np.where(is_red, green - blue, np.where(is_green, blue - red, red - green))
+    hue = np.where(is_red, np.float32(0.0), np.where(is_green, np.float32(120.0), np.float32(240.0))) + 60.0 * difference / safe
     hue = np.where(delta > 0, hue % 360.0, 0.0) / 2.0
-    return np.stack([np.round(hue) % 180, np.round(saturation), value], axis=-1)
+    return np.round(hue) % 180, np.round(saturation), value
 
 
-def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-    """OpenCV 8-bit HSV (float) -> uint8 RGB."""
-    hue = (hsv[..., 0] * 2.0 % 360.0) / 60.0
-    saturation, value = hsv[..., 1] / 255.0, hsv[..., 2]
-    chroma = value * saturation
+def _hsv_to_rgb(hue: np.ndarray, saturation: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """OpenCV 8-bit HSV planes (float, (H, W) each) -> uint8 RGB (H, W, 3)."""
+    hue = (hue * 2.0 % 360.0) / 60.0
+    chroma = value * (saturation / 255.0)
     second = chroma * (1 - np.abs(hue % 2 - 1))
-    sector = np.floor(hue).astype(np.int64) % 6
-    zeros = np.zeros_like(chroma)
-    table = np.stack(
-        [
-            np.stack([chroma, second, zeros], -1), np.stack([second, chroma, zeros], -1), np.stack([zeros, chroma, second], -1),
-            np.stack([zeros, second, chroma], -1), np.stack([second, zeros, chroma], -1), np.stack([chroma, zeros, second], -1),
-        ]
-    )
-    rgb = np.take_along_axis(table, sector[None, ..., None].repeat(3, -1), axis=0)[0] + (value - chroma)[..., None]
-    return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+    sector = np.floor(hue).astype(np.intp) % 6
+    base = value - chroma
+    rgb = np.empty((*value.shape, 3), dtype=np.uint8)
+    for channel in range(3):
+        plane = chroma * _SECTOR_CHROMA[channel][sector] + second * _SECTOR_SECOND[channel][sector] + base
+        rgb[..., channel] = np.clip(np.round(plane), 0, 255)
+    return rgb
 
 
 def _convert(values: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
@@ -640,13 +644,12 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator, brightne
     if contrast_first and rng.integers(2):
         image = _convert(image, alpha=rng.uniform(*contrast_range))
     if rng.integers(2):
-        hsv = _rgb_to_hsv(image)
-        hsv[..., 1] = _convert(hsv[..., 1], alpha=rng.uniform(*saturation_range))
-        image = _hsv_to_rgb(hsv)
+        hue, saturation, value = _rgb_to_hsv(image)
+        image = _hsv_to_rgb(hue, _convert(saturation, alpha=rng.uniform(*saturation_range)).astype(np.float32), value)
     if rng.integers(2):
-        hsv = _rgb_to_hsv(image)
-        hsv[..., 0] = (hsv[..., 0].astype(np.int64) + rng.integers(-hue_delta, hue_delta)) % 180
-        image = _hsv_to_rgb(hsv)
+        hue, saturation, value = _rgb_to_hsv(image)
+        hue = ((hue.astype(np.int64) + rng.integers(-hue_delta, hue_delta)) % 180).astype(np.float32)
+        image = _hsv_to_rgb(hue, saturation, value)
     if not contrast_first and rng.integers(2):
         image = _convert(image, alpha=rng.uniform(*contrast_range))
     return image
@@ -672,15 +675,18 @@ class TrainAugmentation:
     photometric_distortion: bool = OFFICIAL_TRAINING_RECIPE["photometric_distortion"]
     ignore_index: int = IGNORE_INDEX
 
-    def rescale(self, image: Image.Image, label: np.ndarray, rng: np.random.Generator):
+    def rescale(self, image, label: np.ndarray, rng: np.random.Generator):
+        """The image (PIL or (H, W, 3) uint8 array) and its label resized into the box scaled by a random
+        ratio, as the official `Resize`: mmcv's `rescale_size` (`resize_opencv.resize_steps`), OpenCV's
+        bilinear for the image and nearest for the label, bit for bit. Returns two numpy arrays."""
         ratio = rng.random() * (self.ratio_range[1] - self.ratio_range[0]) + self.ratio_range[0]
-        long_edge, short_edge = int(self.scale[0] * ratio), int(self.scale[1] * ratio)
-        width, height = image.size
-        factor = min(long_edge / max(height, width), short_edge / min(height, width))
-        new_size = (max(1, int(width * factor + 0.5)), max(1, int(height * factor + 0.5)))
-        if new_size != (width, height):
-            image = image.resize(new_size, Image.BILINEAR)
-            label = np.asarray(Image.fromarray(label).resize(new_size, Image.NEAREST))
+        box = SizeDict(longest_edge=int(self.scale[0] * ratio), shortest_edge=int(self.scale[1] * ratio))
+        image = np.asarray(image)
+        height, width = label.shape
+        new_height, new_width = resize_steps(height, width, True, box, None)[0]
+        if (new_height, new_width) != (height, width):
+            image = opencv_linear_resize(torch.from_numpy(np.array(image)), new_height, new_width).numpy()
+            label = opencv_nearest_resize(torch.from_numpy(np.array(label)), new_height, new_width).numpy()
         return image, label
 
     def crop_box(self, height: int, width: int, rng: np.random.Generator):
@@ -703,7 +709,7 @@ class TrainAugmentation:
 
     def __call__(self, image: Image.Image, label: np.ndarray, rng: np.random.Generator):
         image, label = self.rescale(image, label, rng)
-        image, label = self.random_crop(np.asarray(image), label, rng)
+        image, label = self.random_crop(image, label, rng)
         if rng.random() < self.flip_probability:
             image, label = image[:, ::-1], label[:, ::-1]
         if self.photometric_distortion:

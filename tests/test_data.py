@@ -325,7 +325,26 @@ def test_rescale_follows_the_box_and_ratio():
     augmentation = TrainAugmentation((32, 32), (2048, 512), MEAN, STD, ratio_range=(0.5, 0.5))
     image = Image.new("RGB", (200, 100))
     resized, label = augmentation.rescale(image, np.zeros((100, 200), np.uint8), np.random.default_rng(0))
-    assert resized.size == (512, 256) and label.shape == (256, 512)  # min(1024/200, 256/100) = 2.56
+    assert resized.shape == (256, 512, 3) and label.shape == (256, 512)  # min(1024/200, 256/100) = 2.56
+
+
+@pytest.mark.parametrize("ratio", [0.5, 1.5])
+def test_rescale_is_the_official_opencv_resize(ratio):
+    """Image and label go through the package's exact OpenCV bilinear / nearest resizes (Pillow's bilinear
+    antialiases when shrinking and its nearest picks other pixels: a quarter of the labels moved at 0.5)."""
+    from metaseg_hf.resize_opencv import opencv_linear_resize, opencv_nearest_resize
+
+    image, label = scene(3, (90, 120))
+    label = np.asarray(label)
+    augmentation = TrainAugmentation((32, 32), (240, 90), MEAN, STD, ratio_range=(ratio, ratio))
+    resized, resized_label = augmentation.rescale(image, label, np.random.default_rng(0))
+    height, width = int(90 * ratio + 0.5), int(120 * ratio + 0.5)  # mmcv rescale_size into (240, 90) * ratio
+    expected = opencv_linear_resize(torch.from_numpy(np.array(image)), height, width).numpy()
+    expected_label = opencv_nearest_resize(torch.from_numpy(label.copy()), height, width).numpy()
+    assert np.array_equal(resized, expected) and np.array_equal(resized_label, expected_label)
+    # OpenCV's nearest takes source pixel floor(i * 90 / height): spot-check it independently.
+    rows, columns = np.floor(np.arange(height) * (90 / height)).astype(int), np.floor(np.arange(width) * (120 / width)).astype(int)
+    assert np.array_equal(resized_label, label[rows][:, columns])
 
 
 def test_flip_is_applied_to_image_and_label_together():
