@@ -82,7 +82,8 @@ def parse_args(argv=None):
     data.add_argument("--image_column_name", help="image column of --dataset_name (found by name otherwise)")
     data.add_argument("--label_column_name", help="label column of --dataset_name (found by name otherwise)")
     data.add_argument("--crop_size", type=int, help="training crop side (default: the test size's short side, 512 for ADE20K)")
-    data.add_argument("--dataloader_num_workers", type=int, help="data loading processes (default: 0 on CPU, 4 otherwise)")
+    data.add_argument("--dataloader_num_workers", type=int,
+                      help="data loading processes, for training crops and validation images (default: 0 on CPU, 4 otherwise)")
     data.add_argument("--num_threads", type=int,
                       help="torch threads of a single CPU process (default: all cores, also under `accelerate launch`, "
                            "which otherwise leaves one; OMP_NUM_THREADS other than 1 is kept)")
@@ -173,7 +174,7 @@ def main(argv=None):
         data = load_segmentation_data(
             dataset_name=args.dataset_name, train_dir=args.train_dir, validation_dir=args.validation_dir,
             dataset_format=args.dataset_format, do_reduce_labels=args.do_reduce_labels, train_val_split=args.train_val_split,
-            image_column=args.image_column_name, label_column=args.label_column_name, seed=args.seed,
+            image_column=args.image_column_name, label_column=args.label_column_name, seed=args.seed, token=args.hub_token,
         )
     recipe = resolve_recipe(args, synthetic)
     accelerator.print(f"Data: {data.description}: {len(data.train)} training and "
@@ -308,7 +309,7 @@ def main(argv=None):
 
     def evaluate():
         metric = StreamingMeanIoU(data.num_labels, id2label=data.id2label, device=accelerator.device)
-        synced = evaluate_segmentation(model, eval_dataset, accelerator, metric, args.per_device_eval_batch_size)
+        synced = evaluate_segmentation(model, eval_dataset, accelerator, metric, args.per_device_eval_batch_size, num_workers)
         return synced.compute()
 
     # 8. The training loop.

@@ -391,22 +391,45 @@ def _undecoded_columns(rows, dataset_name: str, image_column: str, label_column:
     return rows
 
 
-def _load_dataset_dict(dataset_name: str):
-    """All splits of a `datasets` Hub id or `save_to_disk` folder, as a `DatasetDict` (a lone split is "train")."""
-    import datasets
+class _DatasetSplits:
+    """The splits of a `datasets` Hub id, data folder or `save_to_disk` folder, each loaded (and, for a Hub
+    dataset, downloaded and prepared) only when asked for: scoring validation never builds the train split, and
+    a broken file of one split does not stop another. `split in splits`, `list(splits)`, `splits[name]`."""
 
-    path = Path(dataset_name)
-    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-        loaded = datasets.load_from_disk(str(path))
-    else:
-        loaded = datasets.load_dataset(dataset_name)
-    if isinstance(loaded, datasets.Dataset):
-        loaded = datasets.DatasetDict({"train": loaded})
-    return loaded
+    def __init__(self, dataset_name: str, token=None):
+        import datasets
+
+        self.dataset_name, self.token, self.loaded = dataset_name, token, {}
+        path = Path(dataset_name)
+        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+            loaded = datasets.load_from_disk(str(path))  # memory-mapped: nothing is read yet
+            self.loaded = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+            self.data_files, self.names = None, list(self.loaded)
+            return
+        builder = datasets.load_dataset_builder(dataset_name, token=token)
+        self.data_files = builder.config.data_files
+        if self.data_files:
+            self.names = [str(name) for name in self.data_files]
+        else:
+            self.names = list(datasets.get_dataset_split_names(dataset_name, token=token))
+
+    def __contains__(self, name) -> bool:
+        return name in self.names
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __getitem__(self, name: str):
+        if name not in self.loaded:
+            import datasets
+
+            data_files = {name: self.data_files[name]} if self.data_files else None
+            self.loaded[name] = datasets.load_dataset(self.dataset_name, data_files=data_files, split=name, token=self.token)
+        return self.loaded[name]
 
 
 def _dataset_split(loaded, dataset_name: str, split: str, role: str, image_column, label_column) -> SegmentationSplit:
-    """Split `split` of a loaded `DatasetDict` as the `role` ("train"/"validation") split, columns found by name."""
+    """Split `split` of `_DatasetSplits` as the `role` ("train"/"validation") split, columns found by name."""
     if split not in loaded:
         raise DataError(f"{dataset_name} has no {split!r} split (splits: {', '.join(loaded)})")
     rows = loaded[split]
@@ -418,8 +441,8 @@ def _dataset_split(loaded, dataset_name: str, split: str, role: str, image_colum
     return SegmentationSplit(role, f"{dataset_name}[{split}]", dataset=rows, image_column=image_column, label_column=label_column)
 
 
-def _hub_dataset(dataset_name: str, image_column, label_column, train_val_split, seed, id2label):
-    loaded = _load_dataset_dict(dataset_name)
+def _hub_dataset(dataset_name: str, image_column, label_column, train_val_split, seed, id2label, token=None):
+    loaded = _DatasetSplits(dataset_name, token)
     train = _dataset_split(loaded, dataset_name, "train", "train", image_column, label_column)
     validation_name = next((name for name in VALIDATION_SPLIT_NAMES if name in loaded), None)
     validation = None
@@ -429,7 +452,7 @@ def _hub_dataset(dataset_name: str, image_column, label_column, train_val_split,
         )
     path = Path(dataset_name)
     if id2label is None and not path.is_dir():
-        id2label = _hub_id2label(dataset_name)
+        id2label = _hub_id2label(dataset_name, token)
     if id2label is None and path.is_dir():
         id2label = _read_id2label(path)
     if validation is None and train_val_split:
@@ -451,12 +474,12 @@ def _synthetic_split(role: str, count: int, size: int, seed: int) -> Segmentatio
     return SegmentationSplit(role, f"synthetic scenes[{role}]", dataset=scenes, image_column="image", label_column="label")
 
 
-def _hub_id2label(dataset_name: str) -> dict | None:
+def _hub_id2label(dataset_name: str, token=None) -> dict | None:
     """`id2label.json` of a Hub dataset repository (the Transformers examples' convention), if any."""
     try:
         from huggingface_hub import hf_hub_download
 
-        path = hf_hub_download(dataset_name, "id2label.json", repo_type="dataset")
+        path = hf_hub_download(dataset_name, "id2label.json", repo_type="dataset", token=token)
     except Exception:  # no such file, offline, or not a Hub repository: fall back to the labels
         return None
     return _read_id2label(Path(path).parent)
@@ -485,6 +508,7 @@ def load_segmentation_data(
     seed: int = 0,
     synthetic_num_images: dict | None = None,
     synthetic_image_size: int | None = None,
+    token: str | None = None,
 ) -> SegmentationData:
     """Finds the training and validation data and the class names.
 
@@ -495,7 +519,8 @@ def load_segmentation_data(
       root; the validation split is read from it unless `validation_dir` names another root).
     - nothing: the synthetic scenes (`metaseg_hf.synthetic`).
 
-    Without a validation split, `train_val_split` of the training images are held out.
+    Without a validation split, `train_val_split` of the training images are held out. `token`: for a
+    private Hub dataset (only the train and validation splits are loaded).
     """
     if dataset_name and train_dir:
         raise DataError("Give either --dataset_name or --train_dir, not both")
@@ -503,7 +528,7 @@ def load_segmentation_data(
         raise DataError(f"Unknown --dataset_format {dataset_format!r}; use one of {', '.join(DATASET_FORMATS)}")
     hub_dataset_id = None
     if dataset_name:
-        train, validation, found = _hub_dataset(dataset_name, image_column, label_column, train_val_split, seed, id2label)
+        train, validation, found = _hub_dataset(dataset_name, image_column, label_column, train_val_split, seed, id2label, token)
         id2label, fmt, reduce_default = found, "hub", False
         description = f"the `{dataset_name}` dataset"
         hub_dataset_id = None if Path(dataset_name).is_dir() else dataset_name
@@ -558,11 +583,13 @@ def load_evaluation_split(
     image_column: str | None = None,
     label_column: str | None = None,
     seed: int = 0,
+    token: str | None = None,
 ) -> tuple[SegmentationSplit, bool | None]:
     """One labelled split to score a trained model on, and whether its labels are ADE20K-style.
 
     - `dataset_name`: split `split` (default: the first of "validation", "val", "test") of a `datasets`
-      Hub id or `save_to_disk` folder, columns found by name (or given);
+      Hub id or `save_to_disk` folder (only that split is loaded, with `token` for a private one), columns
+      found by name (or given);
     - `data_dir` with `dataset_format`: `"imagefolder"` (the folder is the split, `images/` + `labels/`),
       `"ade20k"` or `"cityscapes"` (the dataset root; its validation split);
     - nothing: the synthetic validation scenes (`metaseg_hf.synthetic`, as the training demo splits them).
@@ -575,7 +602,7 @@ def load_evaluation_split(
     if dataset_format not in DATASET_FORMATS:
         raise DataError(f"Unknown --dataset_format {dataset_format!r}; use one of {', '.join(DATASET_FORMATS)}")
     if dataset_name:
-        loaded = _load_dataset_dict(dataset_name)
+        loaded = _DatasetSplits(dataset_name, token)
         name = split or next((name for name in VALIDATION_SPLIT_NAMES if name in loaded), VALIDATION_SPLIT_NAMES[0])
         return _dataset_split(loaded, dataset_name, name, "validation", image_column, label_column), None
     if data_dir:
