@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Subset
 
 import metaseg_hf  # noqa: F401  (registers MetaSeg with the Auto classes)
-from metaseg_hf.data import DATASET_FORMATS, SegmentationEvalDataset, load_evaluation_split
+from metaseg_hf.data import DATASET_FORMATS, DataError, SegmentationEvalDataset, load_evaluation_split
 from metaseg_hf.evaluation import evaluate_segmentation
 from metaseg_hf.inference_metaseg import WINDOW_BATCH_SIZE
 from metaseg_hf.metrics import StreamingMeanIoU, format_results_table, results_to_json
@@ -126,4 +126,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except DataError as error:  # bad data: the message names the file and the fix; no traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

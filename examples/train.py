@@ -45,9 +45,11 @@ from metaseg_hf.checkpoints import (
 )
 from metaseg_hf.data import (
     DATASET_FORMATS,
+    DataError,
     EpochSampler,
     SegmentationEvalDataset,
     SegmentationTrainDataset,
+    check_labels,
     load_segmentation_data,
     train_augmentation,
 )
@@ -84,6 +86,9 @@ def parse_args(argv=None):
     data.add_argument("--crop_size", type=int, help="training crop side (default: the test size's short side, 512 for ADE20K)")
     data.add_argument("--dataloader_num_workers", type=int,
                       help="data loading processes, for training crops and validation images (default: 0 on CPU, 4 otherwise)")
+    data.add_argument("--check_labels", action="store_true",
+                      help="read every label (and image size) before training and list all bad ones at once, "
+                           "instead of stopping when a bad sample is drawn")
     data.add_argument("--num_threads", type=int,
                       help="torch threads of a single CPU process (default: all cores, also under `accelerate launch`, "
                            "which otherwise leaves one; OMP_NUM_THREADS other than 1 is kept)")
@@ -176,6 +181,10 @@ def main(argv=None):
             dataset_format=args.dataset_format, do_reduce_labels=args.do_reduce_labels, train_val_split=args.train_val_split,
             image_column=args.image_column_name, label_column=args.label_column_name, seed=args.seed, token=args.hub_token,
         )
+        if args.check_labels:
+            checked = sum(check_labels(split, data.num_labels, data.do_reduce_labels)
+                          for split in (data.train, data.validation) if split is not None)
+            accelerator.print(f"Checked {checked} labels: every value is a class id or ignored, every size matches its image")
     recipe = resolve_recipe(args, synthetic)
     accelerator.print(f"Data: {data.description}: {len(data.train)} training and "
                       f"{len(data.validation) if data.validation is not None else 0} validation images, {data.num_labels} classes")
@@ -415,4 +424,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except DataError as error:  # bad data: the message names the file and the fix; no traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -87,6 +87,7 @@ class SegmentationSplit:
     image_column: str | None = None
     label_column: str | None = None
     _labels: object = field(default=None, repr=False, compare=False)
+    _images: object = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.dataset) if self.dataset is not None else len(self.pairs)
@@ -135,6 +136,29 @@ class SegmentationSplit:
             if not Path(label).is_file():
                 raise DataError(f"Missing label file for {image}: {label} does not exist")
         return _read(read_label, _undecoded(label, name), name).numpy(), name
+
+    def stored_image_sizes(self, index: int) -> set:
+        """The image's (H, W) as stored and as displayed (its EXIF orientation applied), read from the file
+        header without decoding the pixels."""
+        if self.dataset is not None:
+            if self._images is None:  # the image column alone, undecoded: header reads only
+                select = getattr(self.dataset, "select_columns", None)
+                self._images = select([self.image_column]) if select is not None else self.dataset
+            value, name = self._images[int(index)][self.image_column], self.sample_name(index)
+        else:
+            value, name = self.pairs[index][0], str(self.pairs[index][0])
+        if isinstance(value, dict):
+            value = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value.get("path")
+        if isinstance(value, (str, os.PathLike, io.BytesIO)):
+            try:
+                with Image.open(value) as image:
+                    (width, height), orientation = image.size, exif_orientation(image)
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                raise DataError(f"`{name}` is not a readable image ({error})") from None
+        else:
+            image = _read(read_image, _undecoded(value, name), name)
+            (height, width), orientation = tuple(image.shape[:2]), 1
+        return {(height, width), (width, height) if orientation in (5, 6, 7, 8) else (height, width)}
 
     def subset(self, indices, name: str) -> SegmentationSplit:
         """The same split restricted to `indices` (used to carve a validation split out of train)."""
@@ -330,6 +354,31 @@ def _read_id2label(*folders) -> dict | None:
             except (ValueError, AttributeError) as error:
                 raise DataError(f"{path} must map class ids to names, e.g. {{\"0\": \"sky\"}} ({error})") from None
     return None
+
+
+def check_labels(split: SegmentationSplit, num_labels: int, reduce_labels: bool, ignore_index: int = IGNORE_INDEX,
+                 shown: int = 10) -> int:
+    """Reads every label of `split` (and each image's size from its file header, not its pixels) before a
+    run, so that bad data stop it at once rather than when the sample is drawn hours later. Raises one
+    `DataError` listing the first `shown` problems (unreadable or missing files, colour labels, values out of
+    range, label and image of different sizes) and how many there are; returns the number of labels checked."""
+    problems = []
+    for index in range(len(split)):
+        try:
+            label, name = split.load_label(index)
+            prepare_label(label, name, num_labels, reduce_labels, ignore_index)
+            sizes = split.stored_image_sizes(index)
+            if tuple(label.shape) not in sizes:
+                height, width = sorted(sizes)[0]
+                raise DataError(f"Image and label of different sizes: {split.sample_name(index)}: image is "
+                                f"{height}x{width} (HxW) but the label {name} is {label.shape[0]}x{label.shape[1]}")
+        except DataError as error:
+            problems.append(str(error))
+    if problems:
+        listed = "\n  ".join(problems[:shown])
+        more = f"\n  ... and {len(problems) - shown} more" if len(problems) > shown else ""
+        raise DataError(f"{len(problems)} of {len(split)} samples of {split.source} are unusable:\n  {listed}{more}")
+    return len(split)
 
 
 def infer_num_labels(splits, reduce_labels: bool, ignore_index: int = IGNORE_INDEX) -> int:
@@ -859,6 +908,7 @@ __all__ = [
     "TrainAugmentation",
     "ade20k_pairs",
     "check_label_files",
+    "check_labels",
     "cityscapes_pairs",
     "imagefolder_pairs",
     "infer_num_labels",

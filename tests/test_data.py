@@ -14,6 +14,7 @@ from metaseg_hf.data import (
     SegmentationEvalDataset,
     SegmentationTrainDataset,
     TrainAugmentation,
+    check_labels,
     imagefolder_pairs,
     load_segmentation_data,
     photometric_distortion,
@@ -296,6 +297,33 @@ def test_class_count_reads_the_labels_only(tmp_path):
     assert data.num_labels == max(int(np.asarray(scene(i)[1]).max()) for i in range(3)) + 1
     with pytest.raises(DataError, match=r"row 0.* not a readable image"):
         data.train.load(0)
+
+
+def test_check_labels_lists_every_bad_sample_before_training(tmp_path):
+    import datasets
+
+    make_imagefolder(tmp_path / "train", 5, id2label={str(index): str(index) for index in range(5)})
+    bad = np.zeros((48, 64), dtype=np.uint8)
+    bad[3, 3] = 9
+    Image.fromarray(bad).save(tmp_path / "train" / "labels" / "img1.png")
+    Image.fromarray(np.zeros((40, 64), dtype=np.uint8)).save(tmp_path / "train" / "labels" / "img3.png")
+    Image.new("RGB", (64, 48)).save(tmp_path / "train" / "labels" / "img4.png")
+    data = load_segmentation_data(train_dir=tmp_path / "train", train_val_split=0)
+    with pytest.raises(DataError) as caught:
+        check_labels(data.train, data.num_labels, False)
+    message = str(caught.value)
+    assert message.startswith("3 of 5 samples of")
+    assert "img1.png" in message and "found 9" in message
+    assert "different sizes" in message and "img3" in message and "48x64" in message and "40x64" in message
+    assert "img4.png" in message and "mode 'RGB'" in message
+    # A datasets source is checked the same way (images not decoded: only their headers are read).
+    rows = {"image": [_encoded(scene(index)[0]) for index in range(2)], "label": [_encoded(Image.fromarray(bad))] * 2}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "saved"))
+    hub = load_segmentation_data(dataset_name=str(tmp_path / "saved"), train_val_split=0, id2label={0: "a", 1: "b"})
+    with pytest.raises(DataError, match=r"(?s)2 of 2 samples .*row 0: found 9"):
+        check_labels(hub.train, 2, False)
+    assert check_labels(hub.train, 10, False) == 2
 
 
 def test_colour_label_images_are_refused(tmp_path):

@@ -302,6 +302,7 @@ def test_bad_data_stops_with_the_file_name(tmp_path, tiny_model_dir):
     completed = run_train(["--model_name_or_path", tiny_model_dir, "--train_dir", tmp_path / "missing", *FAST,
                            "--max_train_steps", "1", "--output_dir", tmp_path / "out1"], check=False)
     assert completed.returncode != 0 and "Missing label file for" in completed.stderr and "img2.png" in completed.stderr
+    assert "Traceback" not in completed.stderr and completed.stderr.strip().startswith("error: Missing label file")
 
     make_imagefolder(tmp_path / "range", 4, size=(64, 80), id2label={"0": "a", "1": "b", "2": "c", "3": "d", "4": "e"})
     label = np.zeros((64, 80), dtype=np.uint8)
@@ -312,6 +313,16 @@ def test_bad_data_stops_with_the_file_name(tmp_path, tiny_model_dir):
                            "--max_train_steps", "1", "--output_dir", tmp_path / "out2"], check=False)
     assert completed.returncode != 0 and "Label values out of range" in completed.stderr
     assert "labels/img" in completed.stderr and "found 9" in completed.stderr
+
+    # --check_labels reads every label before training: one bad label among many stops the run at once.
+    make_imagefolder(tmp_path / "one_bad", 6, size=(64, 80), id2label={"0": "a", "1": "b", "2": "c", "3": "d", "4": "e"})
+    Image_save(label, tmp_path / "one_bad" / "labels" / "img5.png")
+    completed = run_train(["--model_name_or_path", tiny_model_dir, "--train_dir", tmp_path / "one_bad", *FAST,
+                           "--train_val_split", "0", "--check_labels", "--max_train_steps", "1",
+                           "--output_dir", tmp_path / "out3"], check=False)
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr, completed.stderr[-2000:]
+    assert "1 of 6 samples" in completed.stderr and "img5.png" in completed.stderr and "found 9" in completed.stderr
+    assert "Training" not in completed.stdout  # stopped before the first step
 
 
 def Image_save(array, path):
