@@ -408,6 +408,11 @@ def test_push_to_hub_uploads_a_pipeline_ready_folder(tmp_path, tiny_model_dir, s
     segments = segmenter(Image.new("RGB", (90, 70), (120, 60, 30)))
     assert segments and all(segment["mask"].size == (90, 70) for segment in segments)
     assert "mIoU" in (uploaded / "README.md").read_text()
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(uploaded / "README.md")  # the metadata header parses as the Hub reads it
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-segmentation"
+    assert "metaseg" in card.data.tags and card.data.license == "mit"
     # The token given on the command line is in no file written or uploaded (the card records the command).
     assert "--hub_token '<redacted>'" in (uploaded / "README.md").read_text()
     written = [path for folder in (uploaded, tmp_path / "out") for path in folder.rglob("*") if path.is_file()]
