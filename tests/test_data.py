@@ -84,6 +84,7 @@ def test_imagefolder_layout_with_and_without_class_names(tmp_path):
     assert data.id2label[3] == "name3" and not data.do_reduce_labels
     image, label, name = data.train.load(0)
     assert image.mode == "RGB" and label.shape == (48, 64) and "img0.jpg" in name
+    assert np.array_equal(label, np.asarray(Image.open(tmp_path / "train" / "labels" / "img0.png")))
     # Without id2label.json the classes are read off the labels; without a validation dir one is split off.
     (tmp_path / "train" / "id2label.json").unlink()
     data = load_segmentation_data(train_dir=tmp_path / "train", train_val_split=0.4)
@@ -121,6 +122,7 @@ def test_saved_dataset_folder_like_a_hub_dataset(tmp_path):
     assert data.train.label_column == "annotation"
     image, label, _ = data.train.load(2)
     assert np.array_equal(np.asarray(image), np.asarray(train[2]["image"]))
+    assert label.dtype == np.int64 and np.array_equal(label, np.asarray(train[2]["label"]))
 
 
 def test_synthetic_scenes_are_deterministic():

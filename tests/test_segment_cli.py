@@ -70,6 +70,14 @@ def test_globs_and_slide_mode(model_dir, photos, tmp_path):
                               "--mode", "slide", "--window_size", "64", "--window_stride", "48", "--batch_size", "2"])
     assert exit_code == 1  # empty.png matches the glob and is reported
     assert (output / "a_classes.png").is_file() and not (output / "b_classes.png").exists()
+    # The slide options reach the model: the class map is the sliding-window prediction, not the whole-image one.
+    model = MetaSegForSemanticSegmentation.from_pretrained(model_dir).eval()
+    processor = MetaSegImageProcessor.from_pretrained(model_dir)
+    image = Image.open(photos / "a.png")
+    slide = processor.segment(model, image, mode="slide", window_size=64, window_stride=48)[0].segmentation.numpy()
+    whole = processor.segment(model, image, mode="whole")[0].segmentation.numpy()
+    assert not np.array_equal(slide, whole)  # the two modes tell apart on this image
+    assert np.array_equal(np.array(Image.open(output / "a_classes.png")), slide)
 
 
 def test_missing_input_is_reported(model_dir, tmp_path, capsys):

@@ -181,6 +181,31 @@ def test_sigkill_then_resume_latest_gives_the_uninterrupted_run(tmp_path, tiny_m
         assert json.loads((tmp_path / name / "all_results.json").read_text())["train_steps"] == 8
 
 
+def test_accumulation_epoch_checkpoints_total_limit_and_tracking(tmp_path, tiny_model_dir, small_data):
+    """10 images, batch 2, 2 batches per step: 3 optimizer steps an epoch (the last batch of an epoch steps
+    alone), so 5 steps end in the second epoch after 4 of its 5 batches. An epoch checkpoint is saved at the
+    end of each epoch; --checkpoints_total_limit 1 keeps only the newest. --with_tracking logs to TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    wrapper = tmp_path / "fault_wrapper.py"
+    wrapper.write_text(_FAULT_WRAPPER)
+    output = tmp_path / "out"
+    run_train(["--model_name_or_path", tiny_model_dir, *data_args(small_data), *FAST, "--max_train_steps", "5",
+               "--gradient_accumulation_steps", "2", "--checkpointing_steps", "epoch", "--checkpoints_total_limit", "1",
+               "--with_tracking", "--report_to", "tensorboard", "--output_dir", output],
+              launcher=[sys.executable, str(wrapper), str(TRAIN_SCRIPT)], env=environment(STEP_LOG=str(tmp_path / "steps.jsonl")))
+    assert [entry["step"] for entry in read_steps(tmp_path / "steps.jsonl")] == [1, 2, 3, 4, 5]  # 5 optimizer steps
+    assert [path.name for path in output.glob("checkpoint-*")] == ["checkpoint-5"]  # checkpoint-3 removed by the limit
+    state = json.loads((output / "checkpoint-5" / "checkpoint_complete.json").read_text())
+    assert (state["completed_steps"], state["epoch"], state["batches_in_epoch"]) == (5, 1, 4)
+    events = [path for path in output.rglob("events.out.tfevents.*")]
+    assert events, "--with_tracking wrote no TensorBoard events"
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    assert [event.step for event in accumulator.Scalars("train/loss")] == [1, 2, 3, 4, 5]
+    assert "eval/mean_iou" in accumulator.Tags()["scalars"]
+
+
 class _PlantedCode:
     """Unpickling this runs `os.mkdir(path)`: the trace left by code planted in a checkpoint file."""
 
