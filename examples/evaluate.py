@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Subset
 
 import metaseg_hf  # noqa: F401  (registers MetaSeg with the Auto classes)
-from metaseg_hf.data import DATASET_FORMATS, SegmentationEvalDataset, load_evaluation_split
+from metaseg_hf.data import DATASET_FORMATS, DataError, SegmentationEvalDataset, load_evaluation_split
 from metaseg_hf.evaluation import evaluate_segmentation
 from metaseg_hf.inference_metaseg import WINDOW_BATCH_SIZE
 from metaseg_hf.metrics import StreamingMeanIoU, format_results_table, results_to_json
@@ -54,6 +54,8 @@ def parse_args(argv=None):
     parser.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale ratios of the test size")
     parser.add_argument("--max_images", type=int, help="evaluate only the first N images")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0,
+                        help="processes reading and preprocessing images while the model runs")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--bf16", action="store_true", help="run the model in bfloat16 (GPU)")
     parser.add_argument("--output_json", help="default: <model folder>/eval_results.json, or ./eval_results.json")
@@ -80,7 +82,7 @@ def main(argv=None):
     # 2. The labelled split, through the library's loader; labels reduced as the layout (or the model) says.
     split, reduce_default = load_evaluation_split(
         dataset_name=args.dataset_name, data_dir=args.data_dir, dataset_format=args.dataset_format, split=args.split,
-        image_column=args.image_column_name, label_column=args.label_column_name,
+        image_column=args.image_column_name, label_column=args.label_column_name, token=args.token,
     )
     reduce_labels = next(value for value in (args.do_reduce_labels, reduce_default, processor.do_reduce_labels) if value is not None)
     num_labels, id2label = model.config.num_labels, model.config.id2label
@@ -108,7 +110,7 @@ def main(argv=None):
     metric = StreamingMeanIoU(num_labels, id2label=id2label, device=device)
     evaluate_segmentation(
         model, dataset, None, metric, mode=args.mode, window_size=args.window_size, window_stride=args.window_stride,
-        flip=args.flip, window_batch_size=args.window_batch_size, progress=True,
+        flip=args.flip, window_batch_size=args.window_batch_size, progress=True, num_workers=args.dataloader_num_workers,
     )
     results = metric.compute()
     settings["seconds"] = round(time.time() - start, 1)
@@ -124,4 +126,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except DataError as error:  # bad data: the message names the file and the fix; no traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -9,7 +9,8 @@ with the processor settings, labels and test mode saved beside it; the pictures 
 
 For each image `NAME` it writes `NAME_classes.png` (class ids, coloured by the model's palette),
 `NAME_overlay.png` (the photo blended with the class colours), `NAME_legend.png` and `NAME.json` (the
-classes present and their share). A file that cannot be read is reported with its name; the others
+classes present and their share); a name met twice (`x.png` in two folders) becomes `NAME_2`, `NAME_3`, ...,
+never a name another input has, so no output is overwritten. A file that cannot be read is reported with its name; the others
 are still written, and the exit code is 1 at the end.
 """
 
@@ -67,6 +68,23 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     return list(dict.fromkeys(paths)), errors
 
 
+def output_stems(paths: list[Path]) -> list[str]:
+    """One output name per input, all different: the file's stem, or for a stem already taken (`x.png` in two
+    folders) `stem_2`, `stem_3`, ... skipping every name another input has or was given (`x_2.png` keeps its own)."""
+    taken = {path.stem for path in paths}
+    stems, used = [], set()
+    for path in paths:
+        stem, number = path.stem, 1
+        while stem in used:
+            number += 1
+            stem = f"{path.stem}_{number}"
+            if stem in taken:
+                stem = path.stem  # another input's own name: try the next number
+        used.add(stem)
+        stems.append(stem)
+    return stems
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     paths, errors = expand_inputs(args.inputs)
@@ -84,10 +102,8 @@ def main(argv=None) -> int:
     palette = class_palette(model.config)
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
-    stems, failures = {}, 0
-    for path in tqdm(paths, desc="segmenting", unit="image", disable=len(paths) < 2):
-        stem = path.stem if path.stem not in stems else f"{path.stem}_{len(stems)}"
-        stems[stem] = path
+    failures = 0
+    for path, stem in tqdm(list(zip(paths, output_stems(paths))), desc="segmenting", unit="image", disable=len(paths) < 2):
         try:
             image = processor.to_rgb(path)
             prediction = processor.segment(

@@ -24,7 +24,6 @@ results and model card -> push to the Hub.
 import argparse
 import json
 import math
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -40,18 +39,22 @@ from metaseg_hf.checkpoints import (
     read_training_state,
     remove_incomplete_checkpoints,
     resolve_checkpoint,
+    restore_scheduler,
     save_checkpoint,
+    scheduler_state,
 )
 from metaseg_hf.data import (
     DATASET_FORMATS,
+    DataError,
     EpochSampler,
     SegmentationEvalDataset,
     SegmentationTrainDataset,
+    check_labels,
     load_segmentation_data,
     train_augmentation,
 )
 from metaseg_hf.evaluation import evaluate_segmentation
-from metaseg_hf.hub import push_folder_to_hub, training_card_sections, write_model_card
+from metaseg_hf.hub import push_folder_to_hub, recorded_command, training_card_sections, write_model_card
 from metaseg_hf.metrics import StreamingMeanIoU, format_results_table, results_to_json
 from metaseg_hf.presets import OFFICIAL_TRAINING_RECIPE
 from metaseg_hf.synthetic import SYNTHETIC_DEMO_RECIPE, SYNTHETIC_IMAGE_SIZE
@@ -81,7 +84,11 @@ def parse_args(argv=None):
     data.add_argument("--image_column_name", help="image column of --dataset_name (found by name otherwise)")
     data.add_argument("--label_column_name", help="label column of --dataset_name (found by name otherwise)")
     data.add_argument("--crop_size", type=int, help="training crop side (default: the test size's short side, 512 for ADE20K)")
-    data.add_argument("--dataloader_num_workers", type=int, help="data loading processes (default: 0 on CPU, 4 otherwise)")
+    data.add_argument("--dataloader_num_workers", type=int,
+                      help="data loading processes, for training crops and validation images (default: 0 on CPU, 4 otherwise)")
+    data.add_argument("--check_labels", action="store_true",
+                      help="read every label (and image size) before training and list all bad ones at once, "
+                           "instead of stopping when a bad sample is drawn")
     data.add_argument("--num_threads", type=int,
                       help="torch threads of a single CPU process (default: all cores, also under `accelerate launch`, "
                            "which otherwise leaves one; OMP_NUM_THREADS other than 1 is kept)")
@@ -172,8 +179,12 @@ def main(argv=None):
         data = load_segmentation_data(
             dataset_name=args.dataset_name, train_dir=args.train_dir, validation_dir=args.validation_dir,
             dataset_format=args.dataset_format, do_reduce_labels=args.do_reduce_labels, train_val_split=args.train_val_split,
-            image_column=args.image_column_name, label_column=args.label_column_name, seed=args.seed,
+            image_column=args.image_column_name, label_column=args.label_column_name, seed=args.seed, token=args.hub_token,
         )
+        if args.check_labels:
+            checked = sum(check_labels(split, data.num_labels, data.do_reduce_labels)
+                          for split in (data.train, data.validation) if split is not None)
+            accelerator.print(f"Checked {checked} labels: every value is a class id or ignored, every size matches its image")
     recipe = resolve_recipe(args, synthetic)
     accelerator.print(f"Data: {data.description}: {len(data.train)} training and "
                       f"{len(data.validation) if data.validation is not None else 0} validation images, {data.num_labels} classes")
@@ -241,7 +252,8 @@ def main(argv=None):
         optimizer, recipe["lr_scheduler_type"], recipe["num_warmup_steps"], max_train_steps,
         recipe["warmup_ratio"], recipe["poly_power"],
     )
-    accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
+    # The scheduler (stepped by us once per optimizer step) is saved as plain data in the checkpoint's marker,
+    # not registered with Accelerate, which would pickle it and unpickle it unsafely on resume.
     hyperparameters = {
         "initialisation": args.model_name_or_path or f"{args.config_name or 'metaseg-t'} from scratch"
         + (f" + encoder {Path(args.backbone_checkpoint).name}" if args.backbone_checkpoint else ""),
@@ -276,8 +288,9 @@ def main(argv=None):
     completed_steps, starting_epoch, skip_batches = 0, 0, 0
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
     if checkpoint is not None:
+        state = read_training_state(checkpoint)  # first: it refuses a checkpoint that load_state would unpickle unsafely
         accelerator.load_state(str(checkpoint))
-        state = read_training_state(checkpoint)
+        restore_scheduler(scheduler, state)
         completed_steps, starting_epoch, skip_batches = state["completed_steps"], state["epoch"], state["batches_in_epoch"]
         if skip_batches >= len(train_dataloader):
             starting_epoch, skip_batches = starting_epoch + 1, 0
@@ -298,13 +311,14 @@ def main(argv=None):
     def checkpoint_now(epoch, batches_in_epoch):
         save_checkpoint(
             accelerator, output_dir, completed_steps,
-            {"completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batches_in_epoch},
+            {"completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
+             "scheduler": scheduler_state(scheduler)},
             total_limit=args.checkpoints_total_limit,
         )
 
     def evaluate():
         metric = StreamingMeanIoU(data.num_labels, id2label=data.id2label, device=accelerator.device)
-        synced = evaluate_segmentation(model, eval_dataset, accelerator, metric, args.per_device_eval_batch_size)
+        synced = evaluate_segmentation(model, eval_dataset, accelerator, metric, args.per_device_eval_batch_size, num_workers)
         return synced.compute()
 
     # 8. The training loop.
@@ -385,7 +399,8 @@ def main(argv=None):
     if accelerator.is_main_process:
         image_processor.save_pretrained(output_dir)
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-        command = "accelerate launch examples/train.py " + " ".join(shlex.quote(arg) for arg in (argv if argv is not None else sys.argv[1:]))
+        command = recorded_command("accelerate launch examples/train.py", argv if argv is not None else sys.argv[1:],
+                                   secrets=[args.hub_token])
         sections = training_card_sections(data.description, data.id2label, hyperparameters, eval_results, command)
         title = args.hub_model_id.split("/")[-1] if args.hub_model_id else output_dir.name
         write_model_card(output_dir, unwrapped.config, title, sections, datasets=[data.hub_dataset_id] if data.hub_dataset_id else None)
@@ -409,4 +424,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except DataError as error:  # bad data: the message names the file and the fix; no traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

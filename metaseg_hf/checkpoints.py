@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -83,8 +84,50 @@ def resolve_checkpoint(value: str, output_dir: str | os.PathLike) -> Path | None
 
 
 def read_training_state(checkpoint: str | os.PathLike) -> dict:
-    """The training position saved with a checkpoint (`completed_steps`, `epoch`, `batches_in_epoch`, ...)."""
-    return json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text(encoding="utf-8"))
+    """The training position saved with a checkpoint (`completed_steps`, `epoch`, `batches_in_epoch`, ...).
+
+    Refuses a checkpoint holding Accelerate's `custom_checkpoint_*.pkl` (older versions saved the scheduler
+    so): `accelerator.load_state` would unpickle it with `weights_only=False`, running any code in it."""
+    checkpoint = Path(checkpoint)
+    unsafe = sorted(path.name for path in checkpoint.glob("custom_checkpoint_*.pkl"))
+    if unsafe:
+        raise ValueError(
+            f"{checkpoint} holds {', '.join(unsafe)}: a pickle that Accelerate would load with weights_only=False, "
+            f"which runs any code in it. metaseg-hf keeps the scheduler in {COMPLETE_MARKER} instead; if this "
+            f"checkpoint is your own (written by an older version), delete {unsafe[0]} and resume again "
+            "(the schedule is rebuilt from the recorded step)."
+        )
+    return json.loads((checkpoint / COMPLETE_MARKER).read_text(encoding="utf-8"))
+
+
+def scheduler_state(scheduler) -> dict:
+    """The learning-rate scheduler's state as plain JSON data, for the checkpoint's marker.
+
+    The scheduler is not registered with `accelerator.register_for_checkpointing`: Accelerate would pickle it
+    to `custom_checkpoint_0.pkl` and read it back with `torch.load(weights_only=False)`, so a file planted in
+    a checkpoint folder would run its code on resume. Its state (step count, base and last learning rates)
+    is plain data; the learning-rate functions themselves come from the code, not the checkpoint."""
+    state = scheduler.state_dict()
+    try:
+        json.dumps(state)
+    except TypeError as error:
+        raise TypeError(f"{type(scheduler).__name__}'s state is not plain data ({error}); it cannot be kept in "
+                        f"{COMPLETE_MARKER}. Use a LambdaLR-based schedule (`metaseg_hf.training.create_scheduler`).") from None
+    return state
+
+
+def restore_scheduler(scheduler, training_state: dict) -> None:
+    """Puts `scheduler` where `training_state` (a checkpoint's marker) left it: its saved state
+    (`scheduler_state`), or, for checkpoints written before that was kept, the state after
+    `completed_steps` steps (exact unless mixed precision skipped optimizer steps)."""
+    state = training_state.get("scheduler")
+    if state is not None:
+        scheduler.load_state_dict(state)
+        return
+    with warnings.catch_warnings():  # "step() before optimizer.step()": the optimizer state is already loaded
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.last_epoch = training_state["completed_steps"] - 1
+        scheduler.step()
 
 
 def remove_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -150,5 +193,7 @@ __all__ = [
     "read_training_state",
     "remove_incomplete_checkpoints",
     "resolve_checkpoint",
+    "restore_scheduler",
     "save_checkpoint",
+    "scheduler_state",
 ]

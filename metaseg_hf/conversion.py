@@ -84,6 +84,17 @@ class ConvertedCheckpoint:
     dropped: dict = field(default_factory=dict)
 
 
+def _numpy_safe_globals() -> list:
+    """numpy's scalar, dtype and array classes, allow-listed for `torch.load(weights_only=True)`: mmcv's
+    `EvalHook(save_best=...)` stores a numpy `best_score` in the checkpoint's `meta`. Rebuilding these
+    runs no code beyond numpy's own constructors (the list PyTorch documents for numpy data)."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    dtypes = {type(np.dtype(name)) for name in np.typecodes["All"] if name not in "O"}
+    return [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype, *sorted(dtypes, key=str)]
+
+
 def load_official_checkpoint(path: str | os.PathLike) -> dict:
     """Reads an official `.pth` with `torch.load(weights_only=True)`: nothing in the file is executed.
 
@@ -96,7 +107,8 @@ def load_official_checkpoint(path: str | os.PathLike) -> dict:
     if path.stat().st_size == 0:
         raise CheckpointError(f"Checkpoint {path} is empty (0 bytes); download it again.")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         forbidden = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         if forbidden:

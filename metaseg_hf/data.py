@@ -20,8 +20,9 @@ image, label values that are neither a class id nor the ignore index, an image a
 sizes, an empty split.
 
 The training augmentation (`TrainAugmentation`) is MMSegmentation's pipeline of the official configs,
-in numpy/PIL: random rescale of the (long, short) box by 0.5-2.0 keeping the aspect ratio, random crop
-retried up to 10 times while one class covers more than `cat_max_ratio` of it, horizontal flip,
+in numpy: random rescale of the (long, short) box by 0.5-2.0 keeping the aspect ratio (OpenCV's bilinear and
+nearest resizes, bit for bit, from `resize_opencv`), random crop retried up to 10 times while one class covers
+more than `cat_max_ratio` of it, horizontal flip,
 photometric distortion, normalisation, padding to the crop (image 0, labels the ignore index). Each
 sample's randomness comes from `numpy.random.default_rng([seed, epoch, index])`, so a run is
 reproducible whatever the number of workers or processes, and resuming needs no sampler state.
@@ -29,6 +30,7 @@ reproducible whatever the number of workers or processes, and resuming needs no 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -37,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from transformers.image_utils import SizeDict
 
 from .image_io import (
     IGNORE_INDEX,
@@ -50,6 +53,7 @@ from .image_io import (
 from .image_processing_metaseg import normalization_constants
 from .inference_metaseg import preprocess_scales
 from .presets import DATASET_CLASSES, DATASETS, OFFICIAL_TRAINING_RECIPE
+from .resize_opencv import opencv_linear_resize, opencv_nearest_resize, resize_steps
 
 DATASET_FORMATS = ("imagefolder", "ade20k", "cityscapes")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -82,6 +86,8 @@ class SegmentationSplit:
     dataset: object = None
     image_column: str | None = None
     label_column: str | None = None
+    _labels: object = field(default=None, repr=False, compare=False)
+    _images: object = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.dataset) if self.dataset is not None else len(self.pairs)
@@ -103,10 +109,7 @@ class SegmentationSplit:
             name, label_name = str(image), str(label)
             if not Path(label).is_file():
                 raise DataError(f"Missing label file for {image}: {label} does not exist")
-        if isinstance(image, (str, os.PathLike)):
-            image = _read(open_image_file, image, name)
-        if isinstance(label, (str, os.PathLike)):
-            label = _read(open_image_file, label, label_name)
+        image, label = _undecoded(image, name), _undecoded(label, label_name)
         if isinstance(image, Image.Image) and isinstance(label, Image.Image):
             label = _orient_label_like_image(label, image)
         rgb = _read(read_image, image, name)
@@ -119,6 +122,43 @@ class SegmentationSplit:
                 f"(HxW) but the label is {label.shape[0]}x{label.shape[1]}"
             )
         return Image.fromarray(rgb.numpy()), label, name
+
+    def load_label(self, index: int):
+        """(label as an (H, W) int64 numpy array of raw values, name), reading the label alone (no image)."""
+        if self.dataset is not None:
+            if self._labels is None:  # the label column alone: the images are not decoded
+                select = getattr(self.dataset, "select_columns", None)
+                self._labels = select([self.label_column]) if select is not None else self.dataset
+            label, name = self._labels[int(index)][self.label_column], f"label of {self.sample_name(index)}"
+        else:
+            image, label = self.pairs[index]
+            name = str(label)
+            if not Path(label).is_file():
+                raise DataError(f"Missing label file for {image}: {label} does not exist")
+        return _read(read_label, _undecoded(label, name), name).numpy(), name
+
+    def stored_image_sizes(self, index: int) -> set:
+        """The image's (H, W) as stored and as displayed (its EXIF orientation applied), read from the file
+        header without decoding the pixels."""
+        if self.dataset is not None:
+            if self._images is None:  # the image column alone, undecoded: header reads only
+                select = getattr(self.dataset, "select_columns", None)
+                self._images = select([self.image_column]) if select is not None else self.dataset
+            value, name = self._images[int(index)][self.image_column], self.sample_name(index)
+        else:
+            value, name = self.pairs[index][0], str(self.pairs[index][0])
+        if isinstance(value, dict):
+            value = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value.get("path")
+        if isinstance(value, (str, os.PathLike, io.BytesIO)):
+            try:
+                with Image.open(value) as image:
+                    (width, height), orientation = image.size, exif_orientation(image)
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                raise DataError(f"`{name}` is not a readable image ({error})") from None
+        else:
+            image = _read(read_image, _undecoded(value, name), name)
+            (height, width), orientation = tuple(image.shape[:2]), 1
+        return {(height, width), (width, height) if orientation in (5, 6, 7, 8) else (height, width)}
 
     def subset(self, indices, name: str) -> SegmentationSplit:
         """The same split restricted to `indices` (used to carve a validation split out of train)."""
@@ -135,6 +175,29 @@ def _read(reader, value, name: str):
         return reader(value, name)
     except (TypeError, ValueError) as error:
         raise DataError(str(error)) from error
+
+
+def _undecoded(value, name: str):
+    """A sample's image or label as `image_io` reads it: a file path or an encoded `datasets` image (a
+    `{"bytes", "path"}` dict: the columns are read undecoded, so that EXIF orientation is applied here, to
+    the image and its label alike, as for folders) opened with Pillow; a nested list (a `datasets` List or
+    Array2D label) as a numpy array; anything else as it is."""
+    if isinstance(value, (str, os.PathLike)):
+        return _read(open_image_file, value, name)
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):
+        if value.get("bytes") is not None:
+            try:
+                image = Image.open(io.BytesIO(value["bytes"]))
+                image.load()
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                raise DataError(f"`{name}` holds bytes that are not a readable image ({error})") from None
+            return image
+        if value.get("path"):
+            return _read(open_image_file, value["path"], name)
+        raise DataError(f"`{name}` is empty: neither image bytes nor a path")
+    if isinstance(value, list):
+        return np.asarray(value)
+    return value
 
 
 def _orient_label_like_image(label: Image.Image, image: Image.Image) -> Image.Image:
@@ -209,11 +272,18 @@ def imagefolder_pairs(folder: str | os.PathLike) -> list[tuple[Path, Path]]:
             f"{folder}/labels/ (or annotations/, masks/) with one class-id PNG per image, same file names"
         )
     labels_dir = label_dirs[0]
-    pairs = []
+    pairs, image_of_label = [], {}
     for image_path in _non_empty(_images_under(images_dir), f"{images_dir} (extensions {', '.join(IMAGE_EXTENSIONS)})"):
-        relative = image_path.relative_to(images_dir).with_suffix("")
-        candidates = [labels_dir / relative.with_suffix(extension) for extension in LABEL_EXTENSIONS]
+        relative = image_path.relative_to(images_dir)
+        # Only the extension goes: `2021.05.03.jpg` pairs with `2021.05.03.png`.
+        candidates = [labels_dir / relative.parent / (relative.stem + extension) for extension in LABEL_EXTENSIONS]
         label_path = next((path for path in candidates if path.is_file()), candidates[0])
+        if label_path in image_of_label:
+            raise DataError(
+                f"Two images share one label: {image_of_label[label_path]} and {image_path} both pair with "
+                f"{label_path}; rename one image (and give it its own label file)"
+            )
+        image_of_label[label_path] = image_path
         pairs.append((image_path, label_path))
     return check_label_files(pairs, str(labels_dir))
 
@@ -286,18 +356,37 @@ def _read_id2label(*folders) -> dict | None:
     return None
 
 
+def check_labels(split: SegmentationSplit, num_labels: int, reduce_labels: bool, ignore_index: int = IGNORE_INDEX,
+                 shown: int = 10) -> int:
+    """Reads every label of `split` (and each image's size from its file header, not its pixels) before a
+    run, so that bad data stop it at once rather than when the sample is drawn hours later. Raises one
+    `DataError` listing the first `shown` problems (unreadable or missing files, colour labels, values out of
+    range, label and image of different sizes) and how many there are; returns the number of labels checked."""
+    problems = []
+    for index in range(len(split)):
+        try:
+            label, name = split.load_label(index)
+            prepare_label(label, name, num_labels, reduce_labels, ignore_index)
+            sizes = split.stored_image_sizes(index)
+            if tuple(label.shape) not in sizes:
+                height, width = sorted(sizes)[0]
+                raise DataError(f"Image and label of different sizes: {split.sample_name(index)}: image is "
+                                f"{height}x{width} (HxW) but the label {name} is {label.shape[0]}x{label.shape[1]}")
+        except DataError as error:
+            problems.append(str(error))
+    if problems:
+        listed = "\n  ".join(problems[:shown])
+        more = f"\n  ... and {len(problems) - shown} more" if len(problems) > shown else ""
+        raise DataError(f"{len(problems)} of {len(split)} samples of {split.source} are unusable:\n  {listed}{more}")
+    return len(split)
+
+
 def infer_num_labels(splits, reduce_labels: bool, ignore_index: int = IGNORE_INDEX) -> int:
-    """The number of classes as (largest label value + 1) over the given splits (reads every label)."""
+    """The number of classes as (largest label value + 1) over the given splits (reads every label, not the images)."""
     largest = -1
     for split in splits:
         for index in range(len(split)):
-            if split.dataset is not None:
-                label, name = split.dataset[index][split.label_column], f"label of {split.sample_name(index)}"
-            else:
-                label, name = split.pairs[index][1], str(split.pairs[index][1])
-                if not Path(label).is_file():
-                    raise DataError(f"Missing label file for {split.pairs[index][0]}: {label} does not exist")
-            values = torch.unique(_read(read_label, label, name))
+            values = torch.unique(torch.from_numpy(split.load_label(index)[0]))
             if reduce_labels:
                 values = reduce_zero_label(values, ignore_index)
             values = values[values != ignore_index]
@@ -321,22 +410,75 @@ def _column(names, candidates, explicit, what, source):
     )
 
 
-def _load_dataset_dict(dataset_name: str):
-    """All splits of a `datasets` Hub id or `save_to_disk` folder, as a `DatasetDict` (a lone split is "train")."""
+def _undecoded_columns(rows, dataset_name: str, image_column: str, label_column: str):
+    """`rows` with its image and label columns checked and set to undecoded (`datasets.Image(decode=False)`):
+    `datasets` would apply the image's EXIF orientation on decoding but not its label's, `SegmentationSplit`
+    decodes both with `image_io`. A label column of class names (a classification set: an images/ + labels/
+    folder read as one) or of other non-map types is refused, naming the column and the fix."""
     import datasets
 
-    path = Path(dataset_name)
-    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-        loaded = datasets.load_from_disk(str(path))
-    else:
-        loaded = datasets.load_dataset(dataset_name)
-    if isinstance(loaded, datasets.Dataset):
-        loaded = datasets.DatasetDict({"train": loaded})
-    return loaded
+    features = rows.features
+    image, label = features[image_column], features[label_column]
+    maps = (datasets.Image, datasets.Array2D, datasets.List, datasets.Sequence, datasets.LargeList)
+    if isinstance(label, datasets.ClassLabel) and Path(dataset_name).is_dir() and (Path(dataset_name) / "images").is_dir():
+        raise DataError(
+            f"{dataset_name} was read as an image classification set (column {label_column!r} is the folder name "
+            f"{label.names}): for an images/ + labels/ folder, use --train_dir {dataset_name} (--data_dir for evaluate.py)"
+        )
+    for column, feature, allowed, expected in (
+        (image_column, image, (datasets.Image, datasets.Array3D, datasets.List, datasets.Sequence), "images"),
+        (label_column, label, maps, "label maps (an Image of class ids, or an Array2D / nested list of ints)"),
+    ):
+        if not isinstance(feature, allowed):
+            raise DataError(
+                f"{dataset_name}: column {column!r} is {feature}, which cannot hold {expected}; name the right "
+                f"column with --{'image' if column == image_column else 'label'}_column_name"
+            )
+    for column, feature in ((image_column, image), (label_column, label)):
+        if isinstance(feature, datasets.Image) and feature.decode:
+            rows = rows.cast_column(column, datasets.Image(decode=False))
+    return rows
+
+
+class _DatasetSplits:
+    """The splits of a `datasets` Hub id, data folder or `save_to_disk` folder, each loaded (and, for a Hub
+    dataset, downloaded and prepared) only when asked for: scoring validation never builds the train split, and
+    a broken file of one split does not stop another. `split in splits`, `list(splits)`, `splits[name]`."""
+
+    def __init__(self, dataset_name: str, token=None):
+        import datasets
+
+        self.dataset_name, self.token, self.loaded = dataset_name, token, {}
+        path = Path(dataset_name)
+        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+            loaded = datasets.load_from_disk(str(path))  # memory-mapped: nothing is read yet
+            self.loaded = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+            self.data_files, self.names = None, list(self.loaded)
+            return
+        builder = datasets.load_dataset_builder(dataset_name, token=token)
+        self.data_files = builder.config.data_files
+        if self.data_files:
+            self.names = [str(name) for name in self.data_files]
+        else:
+            self.names = list(datasets.get_dataset_split_names(dataset_name, token=token))
+
+    def __contains__(self, name) -> bool:
+        return name in self.names
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __getitem__(self, name: str):
+        if name not in self.loaded:
+            import datasets
+
+            data_files = {name: self.data_files[name]} if self.data_files else None
+            self.loaded[name] = datasets.load_dataset(self.dataset_name, data_files=data_files, split=name, token=self.token)
+        return self.loaded[name]
 
 
 def _dataset_split(loaded, dataset_name: str, split: str, role: str, image_column, label_column) -> SegmentationSplit:
-    """Split `split` of a loaded `DatasetDict` as the `role` ("train"/"validation") split, columns found by name."""
+    """Split `split` of `_DatasetSplits` as the `role` ("train"/"validation") split, columns found by name."""
     if split not in loaded:
         raise DataError(f"{dataset_name} has no {split!r} split (splits: {', '.join(loaded)})")
     rows = loaded[split]
@@ -344,11 +486,12 @@ def _dataset_split(loaded, dataset_name: str, split: str, role: str, image_colum
     label_column = _column(rows.column_names, LABEL_COLUMN_NAMES, label_column, "label", dataset_name)
     if len(rows) == 0:
         raise DataError(f"Empty split: {dataset_name}[{split}] has no rows")
+    rows = _undecoded_columns(rows, dataset_name, image_column, label_column)
     return SegmentationSplit(role, f"{dataset_name}[{split}]", dataset=rows, image_column=image_column, label_column=label_column)
 
 
-def _hub_dataset(dataset_name: str, image_column, label_column, train_val_split, seed, id2label):
-    loaded = _load_dataset_dict(dataset_name)
+def _hub_dataset(dataset_name: str, image_column, label_column, train_val_split, seed, id2label, token=None):
+    loaded = _DatasetSplits(dataset_name, token)
     train = _dataset_split(loaded, dataset_name, "train", "train", image_column, label_column)
     validation_name = next((name for name in VALIDATION_SPLIT_NAMES if name in loaded), None)
     validation = None
@@ -358,7 +501,7 @@ def _hub_dataset(dataset_name: str, image_column, label_column, train_val_split,
         )
     path = Path(dataset_name)
     if id2label is None and not path.is_dir():
-        id2label = _hub_id2label(dataset_name)
+        id2label = _hub_id2label(dataset_name, token)
     if id2label is None and path.is_dir():
         id2label = _read_id2label(path)
     if validation is None and train_val_split:
@@ -380,12 +523,12 @@ def _synthetic_split(role: str, count: int, size: int, seed: int) -> Segmentatio
     return SegmentationSplit(role, f"synthetic scenes[{role}]", dataset=scenes, image_column="image", label_column="label")
 
 
-def _hub_id2label(dataset_name: str) -> dict | None:
+def _hub_id2label(dataset_name: str, token=None) -> dict | None:
     """`id2label.json` of a Hub dataset repository (the Transformers examples' convention), if any."""
     try:
         from huggingface_hub import hf_hub_download
 
-        path = hf_hub_download(dataset_name, "id2label.json", repo_type="dataset")
+        path = hf_hub_download(dataset_name, "id2label.json", repo_type="dataset", token=token)
     except Exception:  # no such file, offline, or not a Hub repository: fall back to the labels
         return None
     return _read_id2label(Path(path).parent)
@@ -414,6 +557,7 @@ def load_segmentation_data(
     seed: int = 0,
     synthetic_num_images: dict | None = None,
     synthetic_image_size: int | None = None,
+    token: str | None = None,
 ) -> SegmentationData:
     """Finds the training and validation data and the class names.
 
@@ -424,7 +568,8 @@ def load_segmentation_data(
       root; the validation split is read from it unless `validation_dir` names another root).
     - nothing: the synthetic scenes (`metaseg_hf.synthetic`).
 
-    Without a validation split, `train_val_split` of the training images are held out.
+    Without a validation split, `train_val_split` of the training images are held out. `token`: for a
+    private Hub dataset (only the train and validation splits are loaded).
     """
     if dataset_name and train_dir:
         raise DataError("Give either --dataset_name or --train_dir, not both")
@@ -432,7 +577,7 @@ def load_segmentation_data(
         raise DataError(f"Unknown --dataset_format {dataset_format!r}; use one of {', '.join(DATASET_FORMATS)}")
     hub_dataset_id = None
     if dataset_name:
-        train, validation, found = _hub_dataset(dataset_name, image_column, label_column, train_val_split, seed, id2label)
+        train, validation, found = _hub_dataset(dataset_name, image_column, label_column, train_val_split, seed, id2label, token)
         id2label, fmt, reduce_default = found, "hub", False
         description = f"the `{dataset_name}` dataset"
         hub_dataset_id = None if Path(dataset_name).is_dir() else dataset_name
@@ -487,11 +632,13 @@ def load_evaluation_split(
     image_column: str | None = None,
     label_column: str | None = None,
     seed: int = 0,
+    token: str | None = None,
 ) -> tuple[SegmentationSplit, bool | None]:
     """One labelled split to score a trained model on, and whether its labels are ADE20K-style.
 
     - `dataset_name`: split `split` (default: the first of "validation", "val", "test") of a `datasets`
-      Hub id or `save_to_disk` folder, columns found by name (or given);
+      Hub id or `save_to_disk` folder (only that split is loaded, with `token` for a private one), columns
+      found by name (or given);
     - `data_dir` with `dataset_format`: `"imagefolder"` (the folder is the split, `images/` + `labels/`),
       `"ade20k"` or `"cityscapes"` (the dataset root; its validation split);
     - nothing: the synthetic validation scenes (`metaseg_hf.synthetic`, as the training demo splits them).
@@ -504,7 +651,7 @@ def load_evaluation_split(
     if dataset_format not in DATASET_FORMATS:
         raise DataError(f"Unknown --dataset_format {dataset_format!r}; use one of {', '.join(DATASET_FORMATS)}")
     if dataset_name:
-        loaded = _load_dataset_dict(dataset_name)
+        loaded = _DatasetSplits(dataset_name, token)
         name = split or next((name for name in VALIDATION_SPLIT_NAMES if name in loaded), VALIDATION_SPLIT_NAMES[0])
         return _dataset_split(loaded, dataset_name, name, "validation", image_column, label_column), None
     if data_dir:
@@ -521,37 +668,38 @@ def load_evaluation_split(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _rgb_to_hsv(image: np.ndarray) -> np.ndarray:
-    """uint8 RGB -> float HSV in OpenCV's 8-bit convention (H in [0, 180), S and V in [0, 255])."""
-    rgb = image.astype(np.float32)
-    value = rgb.max(axis=-1)
-    delta = value - rgb.min(axis=-1)
+# Which of (chroma, second, 0) each of R, G, B takes in each 60-degree hue sector (OpenCV's HSV -> RGB).
+_SECTOR_CHROMA = np.array([[1, 0, 0, 0, 0, 1], [0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0]], dtype=np.float32)
+_SECTOR_SECOND = np.array([[0, 1, 0, 0, 1, 0], [1, 0, 0, 1, 0, 0], [0, 0, 1, 0, 0, 1]], dtype=np.float32)
+
+
+def _rgb_to_hsv(image: np.ndarray):
+    """uint8 RGB (H, W, 3) -> float32 HSV planes (hue, saturation, value), each (H, W), in OpenCV's 8-bit
+    convention (H in [0, 180), S and V in [0, 255], rounded as OpenCV rounds them)."""
+    red, green, blue = (image[..., channel].astype(np.float32) for channel in range(3))
+    value = np.maximum(np.maximum(red, green), blue)
+    delta = value - np.minimum(np.minimum(red, green), blue)
     saturation = np.where(value > 0, 255.0 * delta / np.maximum(value, 1e-6), 0.0)
-    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     safe = np.maximum(delta, 1e-6)
-    hue = np.where(
-        value == red, 60.0 * (green - blue) / safe, np.where(value == green, 120.0 + 60.0 * (blue - red) / safe, 240.0 + 60.0 * (red - green) / safe)
-    )
+    is_red, is_green = value == red, value == green
+    difference = np.where(is_red, green - blue, np.where(is_green, blue - red, red - green))
+    hue = np.where(is_red, np.float32(0.0), np.where(is_green, np.float32(120.0), np.float32(240.0))) + 60.0 * difference / safe
     hue = np.where(delta > 0, hue % 360.0, 0.0) / 2.0
-    return np.stack([np.round(hue) % 180, np.round(saturation), value], axis=-1)
+    return np.round(hue) % 180, np.round(saturation), value
 
 
-def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-    """OpenCV 8-bit HSV (float) -> uint8 RGB."""
-    hue = (hsv[..., 0] * 2.0 % 360.0) / 60.0
-    saturation, value = hsv[..., 1] / 255.0, hsv[..., 2]
-    chroma = value * saturation
+def _hsv_to_rgb(hue: np.ndarray, saturation: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """OpenCV 8-bit HSV planes (float, (H, W) each) -> uint8 RGB (H, W, 3)."""
+    hue = (hue * 2.0 % 360.0) / 60.0
+    chroma = value * (saturation / 255.0)
     second = chroma * (1 - np.abs(hue % 2 - 1))
-    sector = np.floor(hue).astype(np.int64) % 6
-    zeros = np.zeros_like(chroma)
-    table = np.stack(
-        [
-            np.stack([chroma, second, zeros], -1), np.stack([second, chroma, zeros], -1), np.stack([zeros, chroma, second], -1),
-            np.stack([zeros, second, chroma], -1), np.stack([second, zeros, chroma], -1), np.stack([chroma, zeros, second], -1),
-        ]
-    )
-    rgb = np.take_along_axis(table, sector[None, ..., None].repeat(3, -1), axis=0)[0] + (value - chroma)[..., None]
-    return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+    sector = np.floor(hue).astype(np.intp) % 6
+    base = value - chroma
+    rgb = np.empty((*value.shape, 3), dtype=np.uint8)
+    for channel in range(3):
+        plane = chroma * _SECTOR_CHROMA[channel][sector] + second * _SECTOR_SECOND[channel][sector] + base
+        rgb[..., channel] = np.clip(np.round(plane), 0, 255)
+    return rgb
 
 
 def _convert(values: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
@@ -572,13 +720,12 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator, brightne
     if contrast_first and rng.integers(2):
         image = _convert(image, alpha=rng.uniform(*contrast_range))
     if rng.integers(2):
-        hsv = _rgb_to_hsv(image)
-        hsv[..., 1] = _convert(hsv[..., 1], alpha=rng.uniform(*saturation_range))
-        image = _hsv_to_rgb(hsv)
+        hue, saturation, value = _rgb_to_hsv(image)
+        image = _hsv_to_rgb(hue, _convert(saturation, alpha=rng.uniform(*saturation_range)).astype(np.float32), value)
     if rng.integers(2):
-        hsv = _rgb_to_hsv(image)
-        hsv[..., 0] = (hsv[..., 0].astype(np.int64) + rng.integers(-hue_delta, hue_delta)) % 180
-        image = _hsv_to_rgb(hsv)
+        hue, saturation, value = _rgb_to_hsv(image)
+        hue = ((hue.astype(np.int64) + rng.integers(-hue_delta, hue_delta)) % 180).astype(np.float32)
+        image = _hsv_to_rgb(hue, saturation, value)
     if not contrast_first and rng.integers(2):
         image = _convert(image, alpha=rng.uniform(*contrast_range))
     return image
@@ -604,15 +751,18 @@ class TrainAugmentation:
     photometric_distortion: bool = OFFICIAL_TRAINING_RECIPE["photometric_distortion"]
     ignore_index: int = IGNORE_INDEX
 
-    def rescale(self, image: Image.Image, label: np.ndarray, rng: np.random.Generator):
+    def rescale(self, image, label: np.ndarray, rng: np.random.Generator):
+        """The image (PIL or (H, W, 3) uint8 array) and its label resized into the box scaled by a random
+        ratio, as the official `Resize`: mmcv's `rescale_size` (`resize_opencv.resize_steps`), OpenCV's
+        bilinear for the image and nearest for the label, bit for bit. Returns two numpy arrays."""
         ratio = rng.random() * (self.ratio_range[1] - self.ratio_range[0]) + self.ratio_range[0]
-        long_edge, short_edge = int(self.scale[0] * ratio), int(self.scale[1] * ratio)
-        width, height = image.size
-        factor = min(long_edge / max(height, width), short_edge / min(height, width))
-        new_size = (max(1, int(width * factor + 0.5)), max(1, int(height * factor + 0.5)))
-        if new_size != (width, height):
-            image = image.resize(new_size, Image.BILINEAR)
-            label = np.asarray(Image.fromarray(label).resize(new_size, Image.NEAREST))
+        box = SizeDict(longest_edge=int(self.scale[0] * ratio), shortest_edge=int(self.scale[1] * ratio))
+        image = np.asarray(image)
+        height, width = label.shape
+        new_height, new_width = resize_steps(height, width, True, box, None)[0]
+        if (new_height, new_width) != (height, width):
+            image = opencv_linear_resize(torch.from_numpy(np.array(image)), new_height, new_width).numpy()
+            label = opencv_nearest_resize(torch.from_numpy(np.array(label)), new_height, new_width).numpy()
         return image, label
 
     def crop_box(self, height: int, width: int, rng: np.random.Generator):
@@ -635,7 +785,7 @@ class TrainAugmentation:
 
     def __call__(self, image: Image.Image, label: np.ndarray, rng: np.random.Generator):
         image, label = self.rescale(image, label, rng)
-        image, label = self.random_crop(np.asarray(image), label, rng)
+        image, label = self.random_crop(image, label, rng)
         if rng.random() < self.flip_probability:
             image, label = image[:, ::-1], label[:, ::-1]
         if self.photometric_distortion:
@@ -758,6 +908,7 @@ __all__ = [
     "TrainAugmentation",
     "ade20k_pairs",
     "check_label_files",
+    "check_labels",
     "cityscapes_pairs",
     "imagefolder_pairs",
     "infer_num_labels",

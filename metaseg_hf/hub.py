@@ -2,21 +2,22 @@
 
 import math
 import os
+import shlex
 from pathlib import Path
 
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 PAPER = "MetaSeg: MetaFormer-based Global Contexts-aware Network for Efficient Semantic Segmentation (WACV 2024)"
 OFFICIAL_CODE = "https://github.com/hyunwoo137/MetaSeg"
 
 
 def render_model_card(config, title: str, sections: dict[str, str], datasets: list[str] | None = None) -> str:
-    """A Hub model card (README.md) for a MetaSeg folder: metadata header, usage, and the given sections."""
-    header = ["---", "library_name: transformers", "license: mit", "pipeline_tag: image-segmentation", "tags:"]
-    header += ["- metaseg", "- semantic-segmentation", "- vision"]
-    if datasets:
-        header += ["datasets:"] + [f"- {name}" for name in datasets]
-    header.append("---")
+    """A Hub model card (README.md) for a MetaSeg folder: metadata header (`huggingface_hub.ModelCardData`),
+    usage, and the given sections."""
+    card_data = ModelCardData(
+        library_name="transformers", license="mit", pipeline_tag="image-segmentation",
+        tags=["metaseg", "semantic-segmentation", "vision"], datasets=list(datasets) if datasets else None,
+    )
     architecture = (
         f"MSCAN widths {config.hidden_sizes}, depths {config.depths}; decoder width {config.decoder_hidden_size}; "
         f"{config.num_labels} classes; official test mode `{config.inference_mode}`"
@@ -35,7 +36,7 @@ With the `metaseg-hf` package installed (`import metaseg_hf`), `trust_remote_cod
     for heading, text in sections.items():
         body += [f"## {heading}", "", text.strip(), ""]
     body += ["## Licence", "", "MIT, as the official MetaSeg code.", ""]
-    return "\n".join(header + body)
+    return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n" + "\n".join(body)))
 
 
 def _percent(value) -> str:
@@ -66,6 +67,18 @@ def training_card_sections(data_description: str, id2label: dict, hyperparameter
         lines += [f"| {row['name']} | {_percent(row['iou'])} | {_percent(row['accuracy'])} |" for row in results["per_class"]]
         sections["Evaluation results"] = "\n".join(lines)
     return sections
+
+
+def recorded_command(program: str, argv, secrets=()) -> str:
+    """The shell command `program argv...` as the model card records it, every secret (a token given on the
+    command line, whatever the flag's spelling) replaced by `<redacted>`, so that no token is published."""
+    secrets = [secret for secret in secrets if secret]
+    words = []
+    for word in argv:
+        for secret in secrets:
+            word = word.replace(secret, "<redacted>")
+        words.append(shlex.quote(word))
+    return " ".join([program, *words])
 
 
 def write_model_card(folder: str | os.PathLike, config, title: str, sections: dict[str, str], datasets=None) -> Path:

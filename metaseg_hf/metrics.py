@@ -112,7 +112,7 @@ class StreamingMeanIoU:
 
         Args:
             predictions: predicted class ids, a (B, H, W) or (H, W) integer tensor / array, or a list
-                of (H, W) maps (sizes may differ between images). Values must fit in 23 bits.
+                of (H, W) maps (sizes may differ between images).
             references: the labels, same shapes as `predictions` (class ids or the ignore index);
                 uint8 labels (as read from PNG files) take the fastest path.
 
@@ -146,6 +146,11 @@ class StreamingMeanIoU:
         predictions = predictions.to(device).reshape(-1)
         references = references.to(device).reshape(-1)
         if predictions.numel():
+            if predictions.dtype != torch.uint8:  # checked before the table index, which a huge id would wrap around
+                low, high = torch.aminmax(predictions)
+                if low < 0 or high >= self.num_labels:
+                    bad = torch.unique(predictions[(predictions < 0) | (predictions >= self.num_labels)])[:10].tolist()
+                    raise ValueError(f"predictions contain class ids outside [0, {self.num_labels}): {bad}")
             self._count(self._bin_index(predictions, references), predictions)
 
     def _bin_index(self, predictions: torch.Tensor, references: torch.Tensor) -> torch.Tensor:

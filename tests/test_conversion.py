@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -116,6 +117,22 @@ def test_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path, ca
     assert convert_metaseg_to_hf.main(["--checkpoint", str(path), "--output_dir", str(tmp_path / "out")]) == 1
     assert "Refused to load" in capsys.readouterr().err
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_numpy_values_in_meta_load_and_nothing_runs(tmp_path):
+    """mmcv's EvalHook(save_best=...) stores a numpy best_score: a genuine checkpoint, read with weights_only."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "best.pth"
+    meta = {"hook_msgs": {"best_score": np.float64(0.4123), "best_ckpt": "best_mIoU.pth", "scores": np.arange(3.0)},
+            "CLASSES": ("a", "b"), "PALETTE": [[0, 0, 0], [255, 255, 255]]}
+    torch.save({"meta": meta, "state_dict": {"w": torch.zeros(1)}}, path)
+    checkpoint = load_official_checkpoint(path)
+    assert checkpoint["meta"]["hook_msgs"]["best_score"] == np.float64(0.4123)
+    assert np.array_equal(checkpoint["meta"]["hook_msgs"]["scores"], np.arange(3.0))
+    torch.save({"meta": {"best_score": np.float32(1.0), "evil": _RunsCodeWhenUnpickled(marker)}, "state_dict": {}}, path)
+    with pytest.raises(CheckpointError, match=r"its pickle would call io\.open"):
+        load_official_checkpoint(path)
+    assert not marker.exists()
 
 
 def test_truncated_empty_and_foreign_files_name_the_file(tmp_path):

@@ -14,6 +14,8 @@ from metaseg_hf.data import (
     SegmentationEvalDataset,
     SegmentationTrainDataset,
     TrainAugmentation,
+    check_labels,
+    imagefolder_pairs,
     load_segmentation_data,
     photometric_distortion,
     prepare_label,
@@ -82,6 +84,7 @@ def test_imagefolder_layout_with_and_without_class_names(tmp_path):
     assert data.id2label[3] == "name3" and not data.do_reduce_labels
     image, label, name = data.train.load(0)
     assert image.mode == "RGB" and label.shape == (48, 64) and "img0.jpg" in name
+    assert np.array_equal(label, np.asarray(Image.open(tmp_path / "train" / "labels" / "img0.png")))
     # Without id2label.json the classes are read off the labels; without a validation dir one is split off.
     (tmp_path / "train" / "id2label.json").unlink()
     data = load_segmentation_data(train_dir=tmp_path / "train", train_val_split=0.4)
@@ -119,6 +122,7 @@ def test_saved_dataset_folder_like_a_hub_dataset(tmp_path):
     assert data.train.label_column == "annotation"
     image, label, _ = data.train.load(2)
     assert np.array_equal(np.asarray(image), np.asarray(train[2]["image"]))
+    assert label.dtype == np.int64 and np.array_equal(label, np.asarray(train[2]["label"]))
 
 
 def test_synthetic_scenes_are_deterministic():
@@ -157,6 +161,27 @@ def test_missing_label_file_is_named(tmp_path):
     next((tmp_path / "ade" / "ADEChallengeData2016" / "annotations" / "validation").glob("*.png")).unlink()
     with pytest.raises(DataError, match=r"ADE_validation_00000000\.jpg"):
         load_segmentation_data(train_dir=tmp_path / "ade", dataset_format="ade20k")
+
+
+def test_dotted_file_names_pair_with_their_own_label(tmp_path):
+    """`2021.05.03.jpg` pairs with `2021.05.03.png`, never with `2021.05.png`; two images that would share
+    one label file are refused."""
+    folder = tmp_path / "train"
+    for index, name in enumerate(["2021.05.03", "2021.05.04"]):
+        image, label = scene(index)
+        (folder / "images" / "day").mkdir(parents=True, exist_ok=True)
+        (folder / "labels" / "day").mkdir(parents=True, exist_ok=True)
+        image.save(folder / "images" / "day" / f"{name}.jpg")
+        label.save(folder / "labels" / "day" / f"{name}.png")
+    Image.fromarray(np.zeros((48, 64), dtype=np.uint8)).save(folder / "labels" / "day" / "2021.05.png")  # a decoy
+    pairs = imagefolder_pairs(folder)
+    assert [(image.name, label.name) for image, label in pairs] == [
+        ("2021.05.03.jpg", "2021.05.03.png"), ("2021.05.04.jpg", "2021.05.04.png")
+    ]
+    scene(0)[0].save(folder / "images" / "day" / "2021.05.03.png")
+    with pytest.raises(DataError, match=r"Two images share one label: .*2021\.05\.03\.jpg and .*2021\.05\.03\.png "
+                                        r"both pair with .*labels/day/2021\.05\.03\.png"):
+        imagefolder_pairs(folder)
 
 
 def test_out_of_range_label_values_are_named(tmp_path):
@@ -205,6 +230,104 @@ def test_labels_follow_their_images_exif_orientation(tmp_path):
     assert np.array_equal(loaded_label, np.asarray(label.transpose(Image.Transpose.ROTATE_270)))
 
 
+def _encoded(image, **save):
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG" if image.mode == "RGB" else "PNG", **save)
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def test_datasets_source_turns_labels_with_exif_like_folders(tmp_path):
+    """The same EXIF-rotated photo and label, from a folder and from a saved `datasets` dataset: same pixels."""
+    import datasets
+
+    make_imagefolder(tmp_path / "train", 2)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees clockwise
+    rows = {"image": [], "label": []}
+    for index, size in enumerate([(48, 64), (56, 56)]):  # non-square and square
+        image, label = scene(index, size)
+        image.save(tmp_path / "train" / "images" / f"img{index}.jpg", exif=exif)
+        label.save(tmp_path / "train" / "labels" / f"img{index}.png")
+        rows["image"].append(_encoded(image, exif=exif))
+        rows["label"].append(_encoded(label))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=features)}).save_to_disk(str(tmp_path / "saved"))
+    folder = load_segmentation_data(train_dir=tmp_path / "train", train_val_split=0, id2label={0: "a"})
+    hub = load_segmentation_data(dataset_name=str(tmp_path / "saved"), train_val_split=0, id2label={0: "a"})
+    for index in range(2):
+        from_folder, from_hub = folder.train.load(index), hub.train.load(index)
+        assert np.array_equal(np.asarray(from_hub[0]), np.asarray(from_folder[0]))
+        assert np.array_equal(from_hub[1], from_folder[1])
+    assert from_folder[1].shape == (56, 56) and not np.array_equal(from_folder[1], np.asarray(scene(1, (56, 56))[1]))
+
+
+def test_datasets_columns_are_checked_by_type(tmp_path):
+    import datasets
+
+    # An images/ + labels/ folder given as a dataset loads as a classification set: pointed to --train_dir.
+    make_imagefolder(tmp_path / "folder", 3)
+    with pytest.raises(DataError, match=r"image classification set .*--train_dir .*folder"):
+        load_segmentation_data(dataset_name=str(tmp_path / "folder"))
+    # A class-name column is not a label map.
+    image = _encoded(scene(0)[0])
+    named = datasets.Dataset.from_dict({"image": [image] * 2, "label": [0, 1]}, features=datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])}))
+    named.save_to_disk(str(tmp_path / "named"))
+    with pytest.raises(DataError, match=r"column 'label' is ClassLabel.*cannot hold label maps.*--label_column_name"):
+        load_segmentation_data(dataset_name=str(tmp_path / "named"))
+    # Array2D and nested-list label maps are read as they are documented to be.
+    label = np.asarray(scene(0)[1])
+    for feature in (datasets.Array2D(label.shape, "uint8"), datasets.List(datasets.List(datasets.Value("int64")))):
+        rows = datasets.Dataset.from_dict({"image": [image] * 2, "label": [label.tolist()] * 2},
+                                          features=datasets.Features({"image": datasets.Image(), "label": feature}))
+        rows.save_to_disk(str(tmp_path / "maps"))
+        data = load_segmentation_data(dataset_name=str(tmp_path / "maps"), train_val_split=0)
+        assert data.num_labels == int(label.max()) + 1
+        assert np.array_equal(data.train.load(1)[1], label)
+
+
+def test_class_count_reads_the_labels_only(tmp_path):
+    """Counting classes off the labels never decodes an image (here every image is unreadable)."""
+    import datasets
+
+    rows = {"image": [{"bytes": b"not an image", "path": None}] * 3, "label": [_encoded(scene(i)[1]) for i in range(3)]}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "saved"))
+    data = load_segmentation_data(dataset_name=str(tmp_path / "saved"), train_val_split=0)
+    assert data.num_labels == max(int(np.asarray(scene(i)[1]).max()) for i in range(3)) + 1
+    with pytest.raises(DataError, match=r"row 0.* not a readable image"):
+        data.train.load(0)
+
+
+def test_check_labels_lists_every_bad_sample_before_training(tmp_path):
+    import datasets
+
+    make_imagefolder(tmp_path / "train", 5, id2label={str(index): str(index) for index in range(5)})
+    bad = np.zeros((48, 64), dtype=np.uint8)
+    bad[3, 3] = 9
+    Image.fromarray(bad).save(tmp_path / "train" / "labels" / "img1.png")
+    Image.fromarray(np.zeros((40, 64), dtype=np.uint8)).save(tmp_path / "train" / "labels" / "img3.png")
+    Image.new("RGB", (64, 48)).save(tmp_path / "train" / "labels" / "img4.png")
+    data = load_segmentation_data(train_dir=tmp_path / "train", train_val_split=0)
+    with pytest.raises(DataError) as caught:
+        check_labels(data.train, data.num_labels, False)
+    message = str(caught.value)
+    assert message.startswith("3 of 5 samples of")
+    assert "img1.png" in message and "found 9" in message
+    assert "different sizes" in message and "img3" in message and "48x64" in message and "40x64" in message
+    assert "img4.png" in message and "mode 'RGB'" in message
+    # A datasets source is checked the same way (images not decoded: only their headers are read).
+    rows = {"image": [_encoded(scene(index)[0]) for index in range(2)], "label": [_encoded(Image.fromarray(bad))] * 2}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "saved"))
+    hub = load_segmentation_data(dataset_name=str(tmp_path / "saved"), train_val_split=0, id2label={0: "a", 1: "b"})
+    with pytest.raises(DataError, match=r"(?s)2 of 2 samples .*row 0: found 9"):
+        check_labels(hub.train, 2, False)
+    assert check_labels(hub.train, 10, False) == 2
+
+
 def test_colour_label_images_are_refused(tmp_path):
     make_imagefolder(tmp_path / "train", 2)
     Image.new("RGB", (64, 48)).save(tmp_path / "train" / "labels" / "img0.png")
@@ -232,7 +355,26 @@ def test_rescale_follows_the_box_and_ratio():
     augmentation = TrainAugmentation((32, 32), (2048, 512), MEAN, STD, ratio_range=(0.5, 0.5))
     image = Image.new("RGB", (200, 100))
     resized, label = augmentation.rescale(image, np.zeros((100, 200), np.uint8), np.random.default_rng(0))
-    assert resized.size == (512, 256) and label.shape == (256, 512)  # min(1024/200, 256/100) = 2.56
+    assert resized.shape == (256, 512, 3) and label.shape == (256, 512)  # min(1024/200, 256/100) = 2.56
+
+
+@pytest.mark.parametrize("ratio", [0.5, 1.5])
+def test_rescale_is_the_official_opencv_resize(ratio):
+    """Image and label go through the package's exact OpenCV bilinear / nearest resizes (Pillow's bilinear
+    antialiases when shrinking and its nearest picks other pixels: a quarter of the labels moved at 0.5)."""
+    from metaseg_hf.resize_opencv import opencv_linear_resize, opencv_nearest_resize
+
+    image, label = scene(3, (90, 120))
+    label = np.asarray(label)
+    augmentation = TrainAugmentation((32, 32), (240, 90), MEAN, STD, ratio_range=(ratio, ratio))
+    resized, resized_label = augmentation.rescale(image, label, np.random.default_rng(0))
+    height, width = int(90 * ratio + 0.5), int(120 * ratio + 0.5)  # mmcv rescale_size into (240, 90) * ratio
+    expected = opencv_linear_resize(torch.from_numpy(np.array(image)), height, width).numpy()
+    expected_label = opencv_nearest_resize(torch.from_numpy(label.copy()), height, width).numpy()
+    assert np.array_equal(resized, expected) and np.array_equal(resized_label, expected_label)
+    # OpenCV's nearest takes source pixel floor(i * 90 / height): spot-check it independently.
+    rows, columns = np.floor(np.arange(height) * (90 / height)).astype(int), np.floor(np.arange(width) * (120 / width)).astype(int)
+    assert np.array_equal(resized_label, label[rows][:, columns])
 
 
 def test_flip_is_applied_to_image_and_label_together():

@@ -89,3 +89,41 @@ def test_labels_as_pil_images_are_read_as_the_processor_reads_them():
     assert metric.compute()["overall_accuracy"] == 1.0
     with pytest.raises(ValueError, match=r"mode 'RGB'.*single-channel map of class indices"):
         metric.update(torch.zeros(2, 2, dtype=torch.long), Image.new("RGB", (2, 2)))
+
+
+def test_dataset_name_loads_only_the_split_asked_for_with_the_token(tmp_path, evaluate_script, model_dir, monkeypatch):
+    """A data folder whose train file is broken: its validation split is scored (train is never built), the
+    token reaches `datasets`, and the images are read by a worker process."""
+    import io
+
+    import datasets
+
+    def encoded(array):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    rng = np.random.default_rng(0)
+    rows = {"image": [encoded(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(2)],
+            "label": [encoded(rng.integers(0, 5, (40, 48), dtype=np.uint8)) for _ in range(2)]}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "repo" / "data" / "validation-00000.parquet"))
+    (tmp_path / "repo" / "data" / "train-00000.parquet").write_bytes(b"not parquet")
+    tokens = []
+    for name in ("load_dataset", "load_dataset_builder"):
+        original = getattr(datasets, name)
+
+        def recording(*args, _original=original, **kwargs):
+            tokens.append(kwargs.get("token"))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(datasets, name, recording)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    output = tmp_path / "results.json"
+    assert evaluate_script.main(["--model", str(model_dir), "--dataset_name", str(tmp_path / "repo"), "--device", "cpu",
+                                 "--token", "hf_private", "--dataloader_num_workers", "1", "--output_json", str(output)]) == 0
+    results = json.loads(output.read_text())
+    assert results["settings"]["images"] == 2 and "[validation]" in results["settings"]["data"]
+    assert sum(row["label_pixels"] for row in results["per_class"]) == 2 * 40 * 48
+    assert tokens and set(tokens) == {"hf_private"}

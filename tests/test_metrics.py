@@ -136,6 +136,10 @@ def test_bad_inputs_raise_with_the_values():
         metric.update(torch.zeros(2, 2, dtype=torch.long), torch.tensor([[0, -1], [1, 255]]))
     with pytest.raises(ValueError, match="outside"):
         metric.update(torch.tensor([[0, 3]]), torch.tensor([[0, 1]]))
+    for huge in (2**24, 2**31 - 1, 2**40):  # the table index must not wrap around to class 0
+        with pytest.raises(ValueError, match=rf"outside \[0, 3\): \[{huge}\]"):
+            metric.update(torch.tensor([[0, huge]]), torch.tensor([[0, 0]], dtype=torch.uint8))
+    assert metric.confusion_matrix.sum() == 0  # nothing was counted
     with pytest.raises(ValueError, match="shape"):
         metric.update(torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long))
     with pytest.raises(TypeError, match="argmax"):

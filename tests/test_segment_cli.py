@@ -70,8 +70,33 @@ def test_globs_and_slide_mode(model_dir, photos, tmp_path):
                               "--mode", "slide", "--window_size", "64", "--window_stride", "48", "--batch_size", "2"])
     assert exit_code == 1  # empty.png matches the glob and is reported
     assert (output / "a_classes.png").is_file() and not (output / "b_classes.png").exists()
+    # The slide options reach the model: the class map is the sliding-window prediction, not the whole-image one.
+    model = MetaSegForSemanticSegmentation.from_pretrained(model_dir).eval()
+    processor = MetaSegImageProcessor.from_pretrained(model_dir)
+    image = Image.open(photos / "a.png")
+    slide = processor.segment(model, image, mode="slide", window_size=64, window_stride=48)[0].segmentation.numpy()
+    whole = processor.segment(model, image, mode="whole")[0].segmentation.numpy()
+    assert not np.array_equal(slide, whole)  # the two modes tell apart on this image
+    assert np.array_equal(np.array(Image.open(output / "a_classes.png")), slide)
 
 
 def test_missing_input_is_reported(model_dir, tmp_path, capsys):
     assert segment.main(["--model", str(model_dir), str(tmp_path / "nope.png"), "--output_dir", str(tmp_path / "o")]) == 1
     assert "nope.png: no such file" in capsys.readouterr().err
+
+
+def test_same_names_in_several_folders_overwrite_nothing(model_dir, tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    inputs = [tmp_path / "x.png", tmp_path / "x_2.png", tmp_path / "d2" / "x.png", tmp_path / "d3" / "x.png"]
+    for index, path in enumerate(inputs):
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40 + 8 * index, 56, 3), dtype=np.uint8)).save(path)
+    output = tmp_path / "out"
+    assert segment.main(["--model", str(model_dir), *map(str, inputs), "--output_dir", str(output)]) == 0
+    assert "segmented 4 of 4 images" in capsys.readouterr().out
+    summaries = {json.loads(path.read_text())["image"]: path.stem for path in output.glob("*.json")}
+    assert summaries == {str(inputs[0]): "x", str(inputs[1]): "x_2", str(inputs[2]): "x_3", str(inputs[3]): "x_4"}
+    for index, path in enumerate(inputs):  # each output set is its own input's
+        stem = summaries[str(path)]
+        assert Image.open(output / f"{stem}_classes.png").size == (56, 40 + 8 * index)
+        assert (output / f"{stem}_overlay.png").is_file() and (output / f"{stem}_legend.png").is_file()

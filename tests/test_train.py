@@ -181,6 +181,91 @@ def test_sigkill_then_resume_latest_gives_the_uninterrupted_run(tmp_path, tiny_m
         assert json.loads((tmp_path / name / "all_results.json").read_text())["train_steps"] == 8
 
 
+def test_accumulation_epoch_checkpoints_total_limit_and_tracking(tmp_path, tiny_model_dir, small_data):
+    """10 images, batch 2, 2 batches per step: 3 optimizer steps an epoch (the last batch of an epoch steps
+    alone), so 5 steps end in the second epoch after 4 of its 5 batches. An epoch checkpoint is saved at the
+    end of each epoch; --checkpoints_total_limit 1 keeps only the newest. --with_tracking logs to TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    wrapper = tmp_path / "fault_wrapper.py"
+    wrapper.write_text(_FAULT_WRAPPER)
+    output = tmp_path / "out"
+    run_train(["--model_name_or_path", tiny_model_dir, *data_args(small_data), *FAST, "--max_train_steps", "5",
+               "--gradient_accumulation_steps", "2", "--checkpointing_steps", "epoch", "--checkpoints_total_limit", "1",
+               "--with_tracking", "--report_to", "tensorboard", "--output_dir", output],
+              launcher=[sys.executable, str(wrapper), str(TRAIN_SCRIPT)], env=environment(STEP_LOG=str(tmp_path / "steps.jsonl")))
+    assert [entry["step"] for entry in read_steps(tmp_path / "steps.jsonl")] == [1, 2, 3, 4, 5]  # 5 optimizer steps
+    assert [path.name for path in output.glob("checkpoint-*")] == ["checkpoint-5"]  # checkpoint-3 removed by the limit
+    state = json.loads((output / "checkpoint-5" / "checkpoint_complete.json").read_text())
+    assert (state["completed_steps"], state["epoch"], state["batches_in_epoch"]) == (5, 1, 4)
+    events = [path for path in output.rglob("events.out.tfevents.*")]
+    assert events, "--with_tracking wrote no TensorBoard events"
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    assert [event.step for event in accumulator.Scalars("train/loss")] == [1, 2, 3, 4, 5]
+    assert "eval/mean_iou" in accumulator.Tags()["scalars"]
+
+
+class _PlantedCode:
+    """Unpickling this runs `os.mkdir(path)`: the trace left by code planted in a checkpoint file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_resume_runs_no_code_planted_in_the_checkpoint_pickles(tmp_path, tiny_model_dir, small_data):
+    """Every *.pkl of a checkpoint (and Accelerate's custom-object file, as main's runs wrote it) replaced
+    by a pickle that would run code: resuming must not unpickle any of them unsafely."""
+    output = tmp_path / "out"
+    args = ["--model_name_or_path", tiny_model_dir, *data_args(small_data), *FAST, "--checkpointing_steps", "2",
+            "--output_dir", output]
+    run_train(args + ["--max_train_steps", "2"])
+    checkpoint = output / "checkpoint-2"
+    assert "scheduler" in json.loads((checkpoint / "checkpoint_complete.json").read_text())  # kept as plain data
+    planted = sorted(checkpoint.glob("*.pkl"))
+    assert planted  # Accelerate's RNG states are a pickle
+    for index, path in enumerate(planted):
+        torch.save(_PlantedCode(tmp_path / f"code-ran-{index}"), path)
+    resume = args + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"]
+    completed = run_train(resume, check=False)
+    assert not list(tmp_path.glob("code-ran-*")), "code planted in a checkpoint ran on resume"
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "Resumed from" in completed.stdout and json.loads((output / "all_results.json").read_text())["train_steps"] == 3
+
+    # Accelerate's custom-object file (main's runs saved the scheduler so) is refused before anything is loaded.
+    torch.save(_PlantedCode(tmp_path / "code-ran-custom"), output / "checkpoint-2" / "custom_checkpoint_0.pkl")
+    refused = run_train(resume, check=False)
+    assert not list(tmp_path.glob("code-ran-*")), "code planted in a checkpoint ran on resume"
+    assert refused.returncode != 0 and "custom_checkpoint_0.pkl" in refused.stderr and "delete" in refused.stderr
+
+
+def test_scheduler_is_restored_from_plain_data_or_the_recorded_step():
+    from metaseg_hf.checkpoints import restore_scheduler, scheduler_state
+    from metaseg_hf.training import create_scheduler
+
+    def scheduler_after(steps):
+        optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+        scheduler = create_scheduler(optimizer, "polynomial", num_warmup_steps=3, num_training_steps=10)
+        for _ in range(steps):
+            optimizer.step()
+            scheduler.step()
+        return optimizer, scheduler
+
+    _, trained = scheduler_after(5)
+    state = json.loads(json.dumps({"completed_steps": 5, "scheduler": scheduler_state(trained)}))
+    for saved in (state, {"completed_steps": 5}):  # plain data; older checkpoints: the recorded step
+        optimizer, fresh = scheduler_after(0)
+        restore_scheduler(fresh, saved)
+        assert fresh.last_epoch == 5 and fresh.get_last_lr() == trained.get_last_lr()
+        optimizer.step()
+        fresh.step()
+        trained_copy = scheduler_after(6)[1]
+        assert fresh.get_last_lr() == trained_copy.get_last_lr()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Folder layouts, bad data
 # ---------------------------------------------------------------------------------------------------
@@ -242,6 +327,7 @@ def test_bad_data_stops_with_the_file_name(tmp_path, tiny_model_dir):
     completed = run_train(["--model_name_or_path", tiny_model_dir, "--train_dir", tmp_path / "missing", *FAST,
                            "--max_train_steps", "1", "--output_dir", tmp_path / "out1"], check=False)
     assert completed.returncode != 0 and "Missing label file for" in completed.stderr and "img2.png" in completed.stderr
+    assert "Traceback" not in completed.stderr and completed.stderr.strip().startswith("error: Missing label file")
 
     make_imagefolder(tmp_path / "range", 4, size=(64, 80), id2label={"0": "a", "1": "b", "2": "c", "3": "d", "4": "e"})
     label = np.zeros((64, 80), dtype=np.uint8)
@@ -252,6 +338,16 @@ def test_bad_data_stops_with_the_file_name(tmp_path, tiny_model_dir):
                            "--max_train_steps", "1", "--output_dir", tmp_path / "out2"], check=False)
     assert completed.returncode != 0 and "Label values out of range" in completed.stderr
     assert "labels/img" in completed.stderr and "found 9" in completed.stderr
+
+    # --check_labels reads every label before training: one bad label among many stops the run at once.
+    make_imagefolder(tmp_path / "one_bad", 6, size=(64, 80), id2label={"0": "a", "1": "b", "2": "c", "3": "d", "4": "e"})
+    Image_save(label, tmp_path / "one_bad" / "labels" / "img5.png")
+    completed = run_train(["--model_name_or_path", tiny_model_dir, "--train_dir", tmp_path / "one_bad", *FAST,
+                           "--train_val_split", "0", "--check_labels", "--max_train_steps", "1",
+                           "--output_dir", tmp_path / "out3"], check=False)
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr, completed.stderr[-2000:]
+    assert "1 of 6 samples" in completed.stderr and "img5.png" in completed.stderr and "found 9" in completed.stderr
+    assert "Training" not in completed.stdout  # stopped before the first step
 
 
 def Image_save(array, path):
@@ -312,6 +408,9 @@ _FAKE_HUB = textwrap.dedent(
 )
 
 
+SECRET_TOKEN = "hf_SecretTokenThatMustNotBePublished"
+
+
 def test_push_to_hub_uploads_a_pipeline_ready_folder(tmp_path, tiny_model_dir, small_data):
     from PIL import Image
     from transformers import pipeline
@@ -322,7 +421,7 @@ def test_push_to_hub_uploads_a_pipeline_ready_folder(tmp_path, tiny_model_dir, s
     store.mkdir()
     launcher = [sys.executable, str(wrapper), str(TRAIN_SCRIPT)]
     args = ["--model_name_or_path", tiny_model_dir, *data_args(small_data), *FAST, "--max_train_steps", "2",
-            "--checkpointing_steps", "1", "--push_to_hub", "--hub_model_id", "metaseg-tiny-test", "--hub_token", "hf_fake"]
+            "--checkpointing_steps", "1", "--push_to_hub", "--hub_model_id", "metaseg-tiny-test", "--hub_token", SECRET_TOKEN]
     hub_env = {"FAKE_HUB_DIR": str(store), "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home")}
     completed = run_train(args + ["--output_dir", tmp_path / "out"], launcher=launcher, env=environment(**hub_env))
     assert "Uploaded to https://huggingface.co/tester/metaseg-tiny-test" in completed.stdout
@@ -334,6 +433,16 @@ def test_push_to_hub_uploads_a_pipeline_ready_folder(tmp_path, tiny_model_dir, s
     segments = segmenter(Image.new("RGB", (90, 70), (120, 60, 30)))
     assert segments and all(segment["mask"].size == (90, 70) for segment in segments)
     assert "mIoU" in (uploaded / "README.md").read_text()
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(uploaded / "README.md")  # the metadata header parses as the Hub reads it
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-segmentation"
+    assert "metaseg" in card.data.tags and card.data.license == "mit"
+    # The token given on the command line is in no file written or uploaded (the card records the command).
+    assert "--hub_token '<redacted>'" in (uploaded / "README.md").read_text()
+    written = [path for folder in (uploaded, tmp_path / "out") for path in folder.rglob("*") if path.is_file()]
+    leaking = [str(path) for path in written if SECRET_TOKEN.encode() in path.read_bytes()]
+    assert not leaking, f"the Hub token is written in {leaking}"
 
     # An upload failure reports the error and leaves the local output complete.
     failing = run_train(args + ["--output_dir", tmp_path / "out2"], launcher=launcher,
