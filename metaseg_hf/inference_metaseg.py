@@ -203,10 +203,10 @@ def resized_argmax(logits: torch.Tensor, size, band_elements: int = BAND_ELEMENT
         del row_max
         cell_min = _pair_reduce(row_min, 2, columns.cell_lower, columns.cell_upper, torch.minimum)
         del row_min
-        candidates = cell_max >= cell_min.amax(dim=0).sub_(margin)  # (num_labels, band cells, column cells)
+        # Where one class passes, it is the holder of the threshold (its upper bound is above its lower one).
+        threshold, winner = cell_min.max(dim=0)
         del cell_min
-        # Where one class passes, it is the one of highest upper bound (the holder of the threshold passes).
-        winner = cell_max.argmax(dim=0)
+        candidates = cell_max >= threshold.sub_(margin)  # (num_labels, band cells, column cells)
         del cell_max
         band = segmentation[top:bottom]
         band.copy_(winner.index_select(0, rows.cell_of[top:bottom] - cells.start).index_select(1, columns.cell_of))
