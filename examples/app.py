@@ -256,7 +256,8 @@ class SegmentationDemo:
         window = {"window_size": self.window_size, "window_stride": self.window_stride} if mode == "slide" else {}
         try:
             prediction = segment(_CountingModel(self.model, on_forward), self.processor, rgb, mode=mode, flip=flip,
-                                 scales=scales, window_batch_size=self.window_batch_size, **window)[0]
+                                 scales=scales, window_batch_size=self.window_batch_size, probabilities_max="input",
+                                 **window)[0]
         except ValueError as error:
             raise gr.Error(f"{name}: {error}", duration=None) from error
         segmentation = prediction.segmentation
@@ -269,7 +270,7 @@ class SegmentationDemo:
         overlay = overlay_image(rgb, segmentation, self.palette, opacity)
         options = [mode] + (["flip"] if flip else []) + ([f"scales {', '.join(map(str, scales))}"] if multi_scale else [])
         status = (f"{name}: {width}x{height} pixels, {' + '.join(options)}, {len(rows)} classes, mean confidence "
-                  f"{prediction.probabilities_max.mean().item():.1%}, {time.perf_counter() - started:.2f} s "
+                  f"{prediction.probabilities_max.mean().item():.1%} (at network input resolution), {time.perf_counter() - started:.2f} s "
                   f"on {next(self.model.parameters()).device}.")
         # The session keeps the paths only (the files expire with FILE_LIFETIME): no arrays held per session.
         state = {"photo": str(photo), "class_png": str(class_png)}

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     modes = {"whole": ({"mode": "whole"}, whole), "slide": ({"mode": "slide", "window_size": 256, "window_stride": 171}, slide)}
     agreements = []
     for name, (kwargs, truth) in modes.items():
-        prediction = model.predict(pixel_values, original_sizes=size, **kwargs)[0]
+        prediction = model.predict(pixel_values, original_sizes=size, probabilities_max="full", **kwargs)[0]
         agreement = (prediction.segmentation == truth["segmentation"][0]).double().mean().item()
         probability = (prediction.probabilities_max - truth["probabilities_max"][0]).abs().max().item()
         agreements.append((agreement, probability))

@@ -32,7 +32,7 @@ from .image_io import (
     read_label,
     reduce_zero_label,
 )
-from .inference_metaseg import logits_to_prediction, resize_logits, segment
+from .inference_metaseg import logits_to_prediction, resize_logits, scores_to_classes, segment
 from .presets import DATASETS, IMAGE_MEAN, IMAGE_STD
 from .resize_opencv import opencv_linear_resize, opencv_nearest_resize, resize_steps
 
@@ -346,7 +346,8 @@ class MetaSegImageProcessor(BaseImageProcessor):
 
     def segment(self, model, images, **kwargs) -> list:
         """Preprocesses and segments images with `model` in its official test mode (or as asked: `mode`,
-        `window_size`, `window_stride`, `flip`, `scales`, `window_batch_size`, `return_probabilities`).
+        `window_size`, `window_stride`, `flip`, `scales`, `window_batch_size`, `return_probabilities`,
+        `probabilities_max`). A single image is not padded, whatever `pad_size` says.
         Returns one `SegmentationPrediction` (class map and probabilities at the original size) per image.
         See `metaseg_hf.inference_metaseg.segment`."""
         return segment(model, self, images, **kwargs)
@@ -595,7 +596,7 @@ class MetaSegImageProcessor(BaseImageProcessor):
                 f"Expected logits of shape (batch, num_labels, height, width), got {tuple(logits.shape)}."
             )
         if target_sizes is None:
-            return [(logit.float(), tuple(logit.shape[-2:])) for logit in logits]
+            return iter([(logit.float(), tuple(logit.shape[-2:])) for logit in logits])
         target_sizes = _as_size_list(target_sizes, "target_sizes")
         if len(target_sizes) != len(logits):
             raise ValueError(
@@ -625,13 +626,15 @@ class MetaSegImageProcessor(BaseImageProcessor):
                 f"(stride {LOGITS_STRIDE}). Pass the sizes of "
                 "`pixel_values` as `input_sizes` (per image, before padding) and, for a padded batch, `padded_size`."
             )
-        results = []
-        for logit, input_size, target_size in zip(logits, input_sizes, target_sizes):
-            logit = logit[None].float()
-            if logit_size != padded_size:
-                logit = F.interpolate(logit, size=padded_size, mode="bilinear", align_corners=False)
-            results.append((logit[0, :, : input_size[0], : input_size[1]], target_size))
-        return results
+
+        def input_size_maps():
+            for logit, input_size, target_size in zip(logits, input_sizes, target_sizes):
+                logit = logit[None].float()
+                if logit_size != padded_size:
+                    logit = F.interpolate(logit, size=padded_size, mode="bilinear", align_corners=False)
+                yield logit[0, :, : input_size[0], : input_size[1]], target_size
+
+        return input_size_maps()
 
     def post_process_semantic_segmentation(
         self, outputs, target_sizes=None, return_segmentation_scores: bool = False, *, input_sizes=None, padded_size=None
@@ -640,7 +643,10 @@ class MetaSegImageProcessor(BaseImageProcessor):
         Turns MetaSeg's logits into one map of class ids per image, as the official `whole` test mode does.
 
         The stride-8 logits are resized bilinearly (align_corners=False) to the network input size, then to
-        the target (original image) size, and each pixel takes the class of highest score. The network input
+        the target (original image) size, and each pixel takes the class of highest score (with
+        `num_labels == 1`, a binary model: class 1 where the logit is above 0). Images are done one at a time
+        (each input-size map is freed before the next is made), and the class map is exact without resizing
+        every class at every pixel (`inference_metaseg.resized_argmax`). The network input
         size is not in `outputs`: it is computed from each target size with this processor's own resize
         settings (the same computation as preprocessing), which is right whenever the images were prepared
         by this processor with its settings and `target_sizes` are their original sizes, as in
@@ -673,7 +679,7 @@ class MetaSegImageProcessor(BaseImageProcessor):
             scores = resize_logits(logit, target_size)
             results.append(
                 SemanticSegmentationPostProcessorOutput(
-                    data={"segmentation": scores.argmax(dim=0), "segmentation_scores": scores}
+                    data={"segmentation": scores_to_classes(scores), "segmentation_scores": scores}
                 )
             )
         return results
@@ -684,8 +690,9 @@ class MetaSegImageProcessor(BaseImageProcessor):
 
         Returns:
             `list[torch.Tensor]`: one (num_labels, height, width) float32 tensor per image, the softmax over
-            classes of the resized logits (the official `seg_logit` after softmax). Its maximum over dim 0 is
-            the confidence of the predicted class.
+            classes of the resized logits (the official `seg_logit` after softmax; with `num_labels == 1`, the
+            sigmoid: the foreground probability). With several labels, its maximum over dim 0 is the
+            confidence of the predicted class.
         """
         maps = self._input_size_logits(outputs, target_sizes, input_sizes, padded_size)
         return [

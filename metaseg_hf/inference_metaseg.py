@@ -17,6 +17,11 @@ from torch.nn import functional as F
 # Elements (classes x rows x columns) per band when resizing logits to the original size: bounds
 # the peak memory of the final resize + softmax to about 64 MB per augmentation.
 BAND_ELEMENTS = 2**24
+# `resized_argmax`: the margin of its class bound, in float32 epsilons of the largest |logit| (the
+# interpolated values differ from their exact convex combination by a few roundings), and the least
+# upsampling (output pixels per input pixel) at which it is used instead of the direct resize.
+ROUNDING_MARGIN = 16
+PRUNING_MIN_UPSAMPLING = 4
 # Sliding windows per forward pass in "slide" mode (the result does not depend on it).
 WINDOW_BATCH_SIZE = 4
 
@@ -26,11 +31,13 @@ class SegmentationPrediction:
     """One image's prediction at its original size.
 
     segmentation: (H, W) int64 class ids. probabilities_max: (H, W) float32, the winning class's
-    probability. probabilities: (num_labels, H, W) float32, only when asked for.
+    probability, only when asked for (`probabilities_max="full"` exact, or `"input"`: computed at the network
+    input resolution and resized; see `logits_to_prediction`). probabilities: (num_labels, H, W) float32,
+    only when asked for.
     """
 
     segmentation: torch.Tensor
-    probabilities_max: torch.Tensor
+    probabilities_max: torch.Tensor | None = None
     probabilities: torch.Tensor | None = None
 
 
@@ -124,6 +131,141 @@ def _bilinear_source(out_length: int, in_length: int, device) -> tuple[torch.Ten
     return lower, upper, weight
 
 
+class _ResizeCells:
+    """One axis of the bilinear resize (align_corners=False) with its outputs grouped into cells: runs of
+    consecutive outputs that read the same two source positions (`lower`, `upper`). Each cell is padded
+    to `block` outputs; the weights of the padding repeat the last output's and are never written out.
+
+    cell_lower, cell_upper, cell_start, cell_count: (cells,). weight_lower, weight_upper: (cells, block),
+    each output's weights as PyTorch's kernel has them (`1 - w`, `w`). cell_of: (out_length,) each output's cell.
+    """
+
+    def __init__(self, out_length: int, in_length: int, device):
+        lower, upper, weight = _bilinear_source(out_length, in_length, device)
+        self.cell_count = torch.unique_consecutive(lower, return_counts=True)[1]
+        self.cell_start = self.cell_count.cumsum(0) - self.cell_count
+        self.cell_lower, self.cell_upper = lower[self.cell_start], upper[self.cell_start]
+        self.cells, self.block = len(self.cell_count), int(self.cell_count.max())
+        positions = (self.cell_start[:, None] + torch.arange(self.block, device=device)).clamp(max=out_length - 1)
+        self.weight_lower, self.weight_upper = (1 - weight)[positions], weight[positions]
+        self.cell_of = torch.arange(self.cells, device=device).repeat_interleave(self.cell_count)
+
+
+def _pair_reduce(values: torch.Tensor, dim: int, lower: torch.Tensor, upper: torch.Tensor, reduce) -> torch.Tensor:
+    """`reduce(values at lower, values at upper)` along `dim`, reading strided views, not copies, when the
+    cells are consecutive source positions (always when upsampling)."""
+    count, first = len(lower), int(lower[0])
+    upper_shifted = count == 1 or bool((upper[:-1] == lower[:-1] + 1).all())
+    if int(lower[-1]) - first != count - 1 or not upper_shifted:
+        return reduce(values.index_select(dim, lower), values.index_select(dim, upper))
+    shape = list(values.shape)
+    shape[dim] = count
+    result = values.new_empty(shape)
+    pairs = count if int(upper[-1]) == int(lower[-1]) + 1 else count - 1  # the last cell may be clamped (upper == lower)
+    reduce(values.narrow(dim, first, pairs), values.narrow(dim, first + 1, pairs), out=result.narrow(dim, 0, pairs))
+    if pairs < count:
+        result.narrow(dim, pairs, 1).copy_(values.narrow(dim, first + pairs, 1))
+    return result
+
+
+def _pruning_pays(logits: torch.Tensor, size) -> bool:
+    """Whether the class-pruned argmax beats the direct resize: when each source cell covers several
+    output pixels (upsampling); the bound costs a few passes over the input-size logits."""
+    return size[0] * size[1] >= PRUNING_MIN_UPSAMPLING * logits.shape[1] * logits.shape[2] and logits.shape[0] > 1
+
+
+@torch.no_grad()
+def resized_argmax(logits: torch.Tensor, size, band_elements: int = BAND_ELEMENTS) -> torch.Tensor:
+    """`F.interpolate(logits[None], size, bilinear, align_corners=False)[0].argmax(0)` without the resize
+    of every class at every pixel. (num_labels, h, w) float32 -> (height, width) int64.
+
+    Every output pixel is a convex combination of the four input pixels of its cell, so class k can only
+    win in a cell where its largest corner value reaches the largest of the classes' smallest corner
+    values (less a margin for rounding). In most cells one class passes and fills the cell; in the others
+    only the passing classes are interpolated, with the kernel's arithmetic (`(a w0 + b w1) v0 + (c w0 +
+    d w1) v1`) so that near-ties fall as in the full resize, and the first of equal maxima wins, as in
+    `argmax`. The bound runs over bands of cell rows of about `band_elements` elements.
+    """
+    num_labels, in_height, in_width = logits.shape
+    height, width = int(size[0]), int(size[1])
+    device = logits.device
+    rows, columns = _ResizeCells(height, in_height, device), _ResizeCells(width, in_width, device)
+    low, high = torch.aminmax(logits)
+    margin = ROUNDING_MARGIN * torch.finfo(torch.float32).eps * max(abs(float(low)), abs(float(high)), 1.0)
+    segmentation = torch.empty(height, width, dtype=torch.long, device=device)
+    band_cells = max(1, band_elements // (num_labels * in_width))
+    for first_cell in range(0, rows.cells, band_cells):
+        cells = slice(first_cell, min(first_cell + band_cells, rows.cells))
+        top, bottom = int(rows.cell_start[cells.start]), int(rows.cell_start[cells.stop - 1] + rows.cell_count[cells.stop - 1])
+        row_max = _pair_reduce(logits, 1, rows.cell_lower[cells], rows.cell_upper[cells], torch.maximum)
+        row_min = _pair_reduce(logits, 1, rows.cell_lower[cells], rows.cell_upper[cells], torch.minimum)
+        cell_max = _pair_reduce(row_max, 2, columns.cell_lower, columns.cell_upper, torch.maximum)
+        del row_max
+        cell_min = _pair_reduce(row_min, 2, columns.cell_lower, columns.cell_upper, torch.minimum)
+        del row_min
+        # Where one class passes, it is the holder of the threshold (its upper bound is above its lower one).
+        threshold, winner = cell_min.max(dim=0)
+        del cell_min
+        candidates = cell_max >= threshold.sub_(margin)  # (num_labels, band cells, column cells)
+        del cell_max
+        band = segmentation[top:bottom]
+        band.copy_(winner.index_select(0, rows.cell_of[top:bottom] - cells.start).index_select(1, columns.cell_of))
+        counts = candidates.sum(dim=0).flatten()
+        contested = (counts > 1).nonzero().squeeze(1)
+        if len(contested):
+            _resolve_contested(logits, candidates, counts, contested, rows, columns, cells.start, top, band)
+    return segmentation
+
+
+def _resolve_contested(logits, candidates, counts, contested, rows, columns, first_cell, top, band):
+    """Writes into `band` (rows `top`... of the output) the argmax of the cells `contested` (flat indices
+    into the band's cells), interpolating each cell's candidate classes over its block of output pixels."""
+    num_labels, in_height, in_width = logits.shape
+    counts = counts[contested]
+    order = counts.argsort(descending=True, stable=True)
+    # (cell, class) pairs, cell by cell in `contested` order, classes ascending.
+    classes = candidates.flatten(1)[:, contested].t().nonzero()[:, 1]
+    offsets = (counts.cumsum(0) - counts)[order]
+    contested, counts = contested[order], counts[order]
+    cell_row, cell_column = contested // columns.cells + first_cell, contested % columns.cells
+    weight_top, weight_bottom = rows.weight_lower[cell_row][:, :, None], rows.weight_upper[cell_row][:, :, None]
+    weight_left, weight_right = columns.weight_lower[cell_column][:, None], columns.weight_upper[cell_column][:, None]
+    plane = in_height * in_width
+    corners = [
+        (rows_of[cell_row] * in_width + columns_of[cell_column])
+        for rows_of in (rows.cell_lower, rows.cell_upper)
+        for columns_of in (columns.cell_lower, columns.cell_upper)
+    ]
+    best_value = best_class = None
+    active_per_rank = torch.bincount(counts, minlength=int(counts[0]) + 1).flip(0).cumsum(0).flip(0)[1:].tolist()
+    for rank, active in enumerate(active_per_rank):
+        klass = classes[offsets[:active] + rank]
+        base = klass * plane
+        upper_left, upper_right, lower_left, lower_right = (
+            logits.take(base + corner[:active])[:, None, None] for corner in corners
+        )
+        left, right = weight_left[:active], weight_right[:active]
+        value = (upper_left * left + upper_right * right) * weight_top[:active] + (
+            lower_left * left + lower_right * right
+        ) * weight_bottom[:active]
+        klass = klass[:, None, None].expand_as(value)
+        if best_value is None:
+            best_value, best_class = value, klass.clone()
+        else:
+            better = value > best_value[:active]  # strict: the first (lowest) class of equal maxima stays
+            best_value[:active] = torch.where(better, value, best_value[:active])
+            best_class[:active] = torch.where(better, klass, best_class[:active])
+    block_rows, block_columns = rows.block, columns.block
+    row_offset, column_offset = torch.arange(block_rows, device=band.device), torch.arange(block_columns, device=band.device)
+    valid = (row_offset < rows.cell_count[cell_row][:, None])[:, :, None] & (
+        column_offset < columns.cell_count[cell_column][:, None]
+    )[:, None, :]
+    pixel_row = rows.cell_start[cell_row][:, None] + row_offset - top
+    pixel_column = columns.cell_start[cell_column][:, None] + column_offset
+    position = pixel_row[:, :, None] * band.shape[1] + pixel_column[:, None, :]
+    band.view(-1)[position[valid]] = best_class[valid]
+
+
 def _resize_band(logits: torch.Tensor, size: tuple[int, int], rows: slice) -> torch.Tensor:
     """Rows `rows` of `F.interpolate(logits, size, bilinear)`, computed without the other rows.
 
@@ -150,34 +292,93 @@ def resize_logits(logits: torch.Tensor, size) -> torch.Tensor:
     return _resize_band(logits.float(), (height, int(size[1])), slice(0, height))
 
 
+PROBABILITIES_MAX_CHOICES = (None, "full", "input")
+
+
+def _class_map(probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(num_labels, ...) probabilities -> (winning probability, class id); with one label (binary, sigmoid),
+    class 1 where the foreground probability exceeds 1/2."""
+    if probabilities.shape[0] == 1:
+        foreground = probabilities[0] > 0.5
+        return torch.where(foreground, probabilities[0], 1 - probabilities[0]), foreground.long()
+    return probabilities.max(dim=0)
+
+
+def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Per-class probabilities over dim 0: the softmax, or with one label (binary, trained with BCE) the sigmoid."""
+    return logits.sigmoid() if logits.shape[0] == 1 else logits.softmax(dim=0)
+
+
+def scores_to_classes(scores: torch.Tensor) -> torch.Tensor:
+    """(num_labels, H, W) logits -> (H, W) int64 class ids: the argmax, or with one label the logit
+    thresholded at 0 (1 = foreground)."""
+    return (scores[0] > 0).long() if scores.shape[0] == 1 else scores.argmax(dim=0)
+
+
+def _input_resolution_confidence(logits: torch.Tensor, original_size, band_elements: int) -> torch.Tensor:
+    """The winning probability at the logits' own (network input) resolution, resized bilinearly to
+    `original_size`: (num_labels, h, w) -> (H, W) float32."""
+    num_labels, height, width = logits.shape
+    confidence = torch.empty(height, width, device=logits.device)
+    band_rows = max(1, band_elements // (num_labels * width))
+    for start in range(0, height, band_rows):
+        confidence[start : start + band_rows] = _class_map(class_probabilities(logits[:, start : start + band_rows]))[0]
+    return F.interpolate(confidence[None, None], size=tuple(original_size), mode="bilinear", align_corners=False)[0, 0].cpu()
+
+
 def logits_to_prediction(
     logit_maps: list[torch.Tensor],
     original_size: tuple[int, int],
     return_probabilities: bool = False,
     band_elements: int = BAND_ELEMENTS,
+    probabilities_max: str | None = None,
 ) -> SegmentationPrediction:
-    """Resizes each (num_labels, h, w) logit map to `original_size`, averages their softmax
-    probabilities (test-time augmentation), and takes the argmax, band by band."""
+    """Resizes each (num_labels, h, w) logit map to `original_size`, averages their probabilities
+    (softmax; sigmoid when num_labels == 1; several maps = test-time augmentation), and takes the class
+    of highest probability (with one label: class 1 where the logit is above 0, or the mean probability
+    above 1/2).
+
+    The class map is exact: with one map it is `resized_argmax` (the full resize's argmax without
+    resizing every class at every pixel); otherwise the maps are resized, softmaxed and reduced band by band.
+    probabilities_max: None (default, `probabilities_max` is None: the class map alone costs the least),
+    "full" (the winning probability at every pixel of the original size, exact; costs the softmax of every
+    class at every pixel), or "input" (the winning probability at the network input resolution, i.e. at the
+    logits' own size, resized bilinearly to the original size: a cheap confidence map for display and
+    averages). Several maps (TTA) or `return_probabilities` give the exact "full" map whatever is asked.
+    """
+    if probabilities_max not in PROBABILITIES_MAX_CHOICES:
+        raise ValueError(f"probabilities_max must be one of {PROBABILITIES_MAX_CHOICES}, got {probabilities_max!r}")
     height, width = original_size
+    num_labels = logit_maps[0].shape[0]
+    if len(logit_maps) == 1 and not return_probabilities and probabilities_max != "full":
+        logits = logit_maps[0]
+        if _pruning_pays(logits, original_size):
+            segmentation = resized_argmax(logits, original_size, band_elements).cpu()
+        else:
+            segmentation = torch.empty(height, width, dtype=torch.long)
+            band_rows = max(1, band_elements // (num_labels * width))
+            for start in range(0, height, band_rows):
+                rows = slice(start, min(start + band_rows, height))
+                segmentation[rows] = scores_to_classes(_resize_band(logits, original_size, rows)).cpu()
+        confidence = None
+        if probabilities_max == "input":
+            confidence = _input_resolution_confidence(logits, original_size, band_elements)
+        return SegmentationPrediction(segmentation, confidence)
     segmentation = torch.empty(height, width, dtype=torch.long)
-    probabilities_max = torch.empty(height, width)
-    probabilities = torch.empty(logit_maps[0].shape[0], height, width) if return_probabilities else None
-    band_rows = max(1, band_elements // (logit_maps[0].shape[0] * width))
+    confidence = torch.empty(height, width)
+    probabilities = torch.empty(num_labels, height, width) if return_probabilities else None
+    band_rows = max(1, band_elements // (num_labels * width))
     for start in range(0, height, band_rows):
         rows = slice(start, min(start + band_rows, height))
-        if len(logit_maps) == 1 and probabilities is None:
-            # argmax of the logits; max probability = 1 / sum(exp(logits - max)), without the full softmax.
-            band = _resize_band(logit_maps[0], original_size, rows)
-            logit_max, band_classes = band.max(dim=0)
-            band_max = band.sub_(logit_max).exp_().sum(dim=0).reciprocal_()
-        else:
-            band = sum(_resize_band(logits, original_size, rows).softmax(dim=0) for logits in logit_maps)
-            band = band / len(logit_maps)
-            band_max, band_classes = band.max(dim=0)
-        segmentation[rows], probabilities_max[rows] = band_classes.cpu(), band_max.cpu()
+        resized = [_resize_band(logits, original_size, rows) for logits in logit_maps]
+        band = sum(class_probabilities(logits) for logits in resized) / len(logit_maps)
+        band_max, band_classes = _class_map(band)
+        if len(logit_maps) == 1:  # the class map from the logits themselves, as `resized_argmax` has it
+            band_classes = scores_to_classes(resized[0])
+        segmentation[rows], confidence[rows] = band_classes.cpu(), band_max.cpu()
         if probabilities is not None:
             probabilities[:, rows] = band.cpu()
-    return SegmentationPrediction(segmentation, probabilities_max, probabilities)
+    return SegmentationPrediction(segmentation, confidence, probabilities)
 
 
 def _resolve_mode(model, mode, window_size, window_stride):
@@ -211,6 +412,7 @@ def predict(
     flip: bool = False,
     window_batch_size: int = WINDOW_BATCH_SIZE,
     return_probabilities: bool = False,
+    probabilities_max: str | None = None,
 ) -> list[SegmentationPrediction]:
     """Segments processed images: `pixel_values` -> one `SegmentationPrediction` per image.
 
@@ -222,6 +424,7 @@ def predict(
     (h, w) of each image in a padded batch (default: the whole input; one scale only): the network runs on
     each image's valid region (one forward per distinct size), so a padded batch gives what each image
     alone gives. flip: horizontal-flip TTA.
+    probabilities_max: None (default: not computed), "full" or "input"; see `logits_to_prediction`.
     """
     batches = list(pixel_values) if isinstance(pixel_values, (list, tuple)) else [pixel_values]
     if not batches:
@@ -257,7 +460,7 @@ def predict(
             for index, new_maps in zip(indices, maps):
                 per_image_maps[index] += new_maps
     return [
-        logits_to_prediction(maps, tuple(original_size), return_probabilities)
+        logits_to_prediction(maps, tuple(original_size), return_probabilities, probabilities_max=probabilities_max)
         for maps, original_size in zip(per_image_maps, original_sizes)
     ]
 
@@ -298,15 +501,18 @@ def count_forward_passes(
 
 def preprocess_scales(image_processor, image, scales=(1.0,), input_data_format=None, **settings) -> list[torch.Tensor]:
     """One image's `pixel_values`, (1, C, h, w), at each test-time scale: the processor's resize box
-    scaled by each ratio (MMSegmentation's MultiScaleFlipAug; 1.0 is the processor's own size).
+    scaled by each ratio (MMSegmentation's MultiScaleFlipAug; 1.0 is the processor's own size), unpadded.
     `settings` are processor settings for this call (e.g. from `read_image_and_overrides`)."""
     if not scales or any(ratio <= 0 for ratio in scales):
         raise ValueError(f"scales must be positive resize ratios, got {scales!r}")
     batches = []
     for ratio in scales:
         overrides = {"size": _scaled_size(image_processor.size, ratio)} if ratio != 1.0 else {}
+        # One image is never padded (`pad_size` is for batches): the class map is resized from the
+        # image's own input size, and padding would change its logits (attention pools the whole canvas).
         inputs = image_processor(
-            images=image, input_data_format=input_data_format, return_tensors="pt", **settings, **overrides
+            images=image, input_data_format=input_data_format, return_tensors="pt", **{**settings, "do_pad": False},
+            **overrides
         )
         batches.append(inputs["pixel_values"])
     return batches
@@ -323,6 +529,7 @@ def segment(
     scales=(1.0,),
     window_batch_size: int = WINDOW_BATCH_SIZE,
     return_probabilities: bool = False,
+    probabilities_max: str | None = None,
 ) -> list[SegmentationPrediction]:
     """Segments images end to end: reading and preprocessing (at each TTA scale), whole or sliding-window
     inference, and the official resize to each image's original size.
@@ -342,6 +549,6 @@ def segment(
         predictions += predict(
             model, batches, original_sizes=[tuple(read.shape[:2])], mode=mode, window_size=window_size,
             window_stride=window_stride, flip=flip, window_batch_size=window_batch_size,
-            return_probabilities=return_probabilities,
+            return_probabilities=return_probabilities, probabilities_max=probabilities_max,
         )
     return predictions

@@ -20,7 +20,9 @@ def whole(reference):
 
 
 def test_whole_mode_reproduces_the_official_prediction(reference_model, whole):
-    prediction = reference_model.predict(whole["pixel_values"], original_sizes=[(375, 500)], mode="whole")[0]
+    prediction = reference_model.predict(
+        whole["pixel_values"], original_sizes=[(375, 500)], mode="whole", probabilities_max="full"
+    )[0]
     agreement = (prediction.segmentation == whole["segmentation"][0]).float().mean().item()
     assert agreement >= 0.995
     assert (prediction.probabilities_max - whole["probabilities_max"][0]).abs().max().item() <= 1e-4
@@ -30,7 +32,7 @@ def test_slide_mode_reproduces_the_official_prediction(reference, reference_mode
     slide = load_file(reference / "metaseg-t-ade20k-slide.safetensors")
     prediction = predict(
         reference_model, whole["pixel_values"], original_sizes=[(375, 500)], mode="slide", window_size=256,
-        window_stride=171, window_batch_size=5,
+        window_stride=171, window_batch_size=5, probabilities_max="full",
     )[0]
     agreement = (prediction.segmentation == slide["segmentation"][0]).float().mean().item()
     assert agreement >= 0.995
@@ -77,7 +79,7 @@ def test_banded_resize_equals_a_full_resize():
     full = F.interpolate(logits[None], size=(301, 407), mode="bilinear", align_corners=False)[0].softmax(0)
     prediction = logits_to_prediction([logits], (301, 407), return_probabilities=True, band_elements=7 * 407 * 10)
     assert torch.allclose(prediction.probabilities, full, atol=1e-6)
-    single = logits_to_prediction([logits], (301, 407), band_elements=7 * 407 * 3)
+    single = logits_to_prediction([logits], (301, 407), band_elements=7 * 407 * 3, probabilities_max="full")
     assert torch.equal(single.segmentation, full.argmax(0))
     assert torch.allclose(single.probabilities_max, full.max(0).values, atol=1e-6)
 

@@ -192,7 +192,7 @@ def test_whole_inference_reproduces_the_official_prediction(converted, photo, wh
     assert logits.shape == whole["logits"].shape == (1, 7, 64, 68)
     assert (logits - whole["logits"]).abs().max().item() <= 5e-4
 
-    prediction = processor.segment(model, str(PHOTO))[0]
+    prediction = processor.segment(model, str(PHOTO), probabilities_max="full")[0]
     assert prediction.segmentation.shape == (67, 69) and prediction.segmentation.dtype == torch.int64
     assert (prediction.probabilities_max - whole["probabilities_max"][0]).abs().max().item() <= 1e-4
     different = (prediction.segmentation != whole["segmentation"][0]).sum().item()
