@@ -84,7 +84,8 @@ def main(argv=None):
     from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
     # 1. Processes, device and precision from Accelerate (one process without `accelerate launch`).
-    accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=args.mixed_precision)
+    accelerator = Accelerator(cpu=args.device == "cpu")
+    precision = args.mixed_precision or accelerator.mixed_precision  # the flag, else `accelerate launch`'s setting
     if args.device is not None and accelerator.num_processes > 1:
         raise SystemExit(f"--device {args.device} names one device, but {accelerator.num_processes} processes run: "
                          "leave --device out under `accelerate launch` (each process takes its own)")
@@ -119,14 +120,15 @@ def main(argv=None):
         "scales": args.scales,
         "reduce_labels": reduce_labels,
         "device": str(device),
-        "mixed_precision": accelerator.mixed_precision,
+        "mixed_precision": precision,
         "num_processes": accelerator.num_processes,
     }
     accelerator.print(f"Evaluating {args.model_name_or_path} on {len(dataset)} images of {split.source}: "
                       f"mode {settings['mode']}, scales {args.scales}, flip {args.flip}, {accelerator.num_processes} process(es)")
     start = time.time()
     metric = StreamingMeanIoU(num_labels, id2label=id2label, device=device)
-    with accelerator.autocast():
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         summed = evaluate_segmentation(
             model, dataset, accelerator, metric, mode=args.mode, window_size=args.window_size,
             window_stride=args.window_stride, flip=args.flip, window_batch_size=args.window_batch_size, progress=True,

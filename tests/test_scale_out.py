@@ -206,3 +206,30 @@ def test_output_names_are_distinct_and_stable():
     assert segment.output_names(paths) == ["x", "x_2", "x_3", "x_4", "y"]
     reversed_names = segment.output_names(paths[::-1])
     assert reversed_names == ["y", "x", "x_2", "x_2_2", "x_3"] and len(set(reversed_names)) == len(paths)
+
+
+def test_evaluation_mixed_precision_flag_runs_under_autocast(tmp_path, model_dir, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_example", REPO_ROOT / "examples" / "evaluate.py")
+    evaluate_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate_script)
+    data = make_imagefolder(tmp_path / "val", 2, size=(44, 52))
+    seen = []
+    original = evaluate_script.evaluate_segmentation
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_script, "evaluate_segmentation", recording)
+    results = {}
+    for name, flags in (("float32", []), ("bf16", ["--bf16"])):
+        output = tmp_path / f"{name}.json"
+        assert evaluate_script.main(["--model", str(model_dir), "--data_dir", str(data), "--device", "cpu",
+                                     "--output_json", str(output), *flags]) == 0
+        results[name] = json.loads(output.read_text())
+    assert seen == [None, torch.bfloat16]
+    assert results["bf16"]["settings"]["mixed_precision"] == "bf16"
+    assert results["float32"]["settings"]["mixed_precision"] == "no"
+    assert abs(results["bf16"]["overall_accuracy"] - results["float32"]["overall_accuracy"]) < 0.05
