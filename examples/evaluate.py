@@ -16,6 +16,13 @@ label's original resolution with the streaming confusion-matrix metric.
 
     # Cityscapes with the official sliding window
     python examples/evaluate.py ... --dataset_format cityscapes --mode slide --window_size 1024 --window_stride 768
+
+    # on 8 GPUs (or several machines: --num_machines N --machine_rank R --main_process_ip HOST), in bf16
+    accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 examples/evaluate.py ...
+
+Under `accelerate launch` each process reads and scores its own share of the images (every image exactly
+once), the confusion matrices are summed (the scores equal a one-process run's), and the main process
+shows one progress bar and writes the table and the JSON.
 """
 
 import argparse
@@ -25,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from torch.utils.data import Subset
 
 import metaseg_hf  # noqa: F401  (registers MetaSeg with the Auto classes)
@@ -56,14 +64,20 @@ def parse_args(argv=None):
     parser.add_argument("--max_images", type=int, help="evaluate only the first N images")
     parser.add_argument("--dataloader_num_workers", type=int, default=0,
                         help="processes reading and preprocessing images while the model runs")
-    parser.add_argument("--device", help="default: cuda when available, else cpu")
-    parser.add_argument("--bf16", action="store_true", help="run the model in bfloat16 (GPU)")
+    parser.add_argument("--device", help="one process only; default: Accelerate's (cuda when available, else cpu)")
+    parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"),
+                        help="autocast precision (default: Accelerate's, e.g. `accelerate launch --mixed_precision bf16`)")
+    parser.add_argument("--bf16", action="store_true", help="the same as --mixed_precision bf16")
     parser.add_argument("--output_json", help="default: <model folder>/eval_results.json, or ./eval_results.json")
     parser.add_argument("--trust_remote_code", action="store_true")
     parser.add_argument("--token", help="Hugging Face token for private models or datasets")
     args = parser.parse_args(argv)
     if args.dataset_name and args.data_dir:
         parser.error("give either --dataset_name or --data_dir, not both")
+    if args.bf16:
+        if args.mixed_precision not in (None, "bf16"):
+            parser.error(f"--bf16 contradicts --mixed_precision {args.mixed_precision}: give one of them")
+        args.mixed_precision = "bf16"
     return args
 
 
@@ -71,15 +85,21 @@ def main(argv=None):
     args = parse_args(argv)
     from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
-    # 1. Model and its image processor (the official test preprocessing saved with it).
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    # 1. Processes, device and precision from Accelerate (one process without `accelerate launch`).
+    accelerator = Accelerator(cpu=args.device == "cpu")
+    precision = args.mixed_precision or accelerator.mixed_precision  # the flag, else `accelerate launch`'s setting
+    if args.device is not None and accelerator.num_processes > 1:
+        raise SystemExit(f"--device {args.device} names one device, but {accelerator.num_processes} processes run: "
+                         "leave --device out under `accelerate launch` (each process takes its own)")
+    device = torch.device(args.device) if args.device else accelerator.device
+
+    # 2. Model and its image processor (the official test preprocessing saved with it).
     model = AutoModelForSemanticSegmentation.from_pretrained(
-        args.model_name_or_path, trust_remote_code=args.trust_remote_code, token=args.token, dtype=dtype
+        args.model_name_or_path, trust_remote_code=args.trust_remote_code, token=args.token
     ).to(device).eval()
     processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code, token=args.token)
 
-    # 2. The labelled split, through the library's loader; labels reduced as the layout (or the model) says.
+    # 3. The labelled split, through the library's loader; labels reduced as the layout (or the model) says.
     split, reduce_default = load_evaluation_split(
         dataset_name=args.dataset_name, data_dir=args.data_dir, dataset_format=args.dataset_format, split=args.split,
         image_column=args.image_column_name, label_column=args.label_column_name, token=args.token,
@@ -90,7 +110,7 @@ def main(argv=None):
     if args.max_images is not None:
         dataset = Subset(dataset, range(min(args.max_images, len(dataset))))
 
-    # 3. Inference and scoring: the library's evaluation, the same as during training.
+    # 4. Inference and scoring: the library's evaluation, the same as during training.
     settings = {
         "model": args.model_name_or_path,
         "data": split.source,
@@ -102,27 +122,36 @@ def main(argv=None):
         "scales": args.scales,
         "reduce_labels": reduce_labels,
         "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
+        "mixed_precision": precision,
+        "num_processes": accelerator.num_processes,
     }
-    print(f"Evaluating {args.model_name_or_path} on {len(dataset)} images of {split.source}: mode {settings['mode']}, "
-          f"scales {args.scales}, flip {args.flip}")
+    accelerator.print(f"Evaluating {args.model_name_or_path} on {len(dataset)} images of {split.source}: "
+                      f"mode {settings['mode']}, scales {args.scales}, flip {args.flip}, {accelerator.num_processes} process(es)")
     start = time.time()
     metric = StreamingMeanIoU(num_labels, id2label=id2label, device=device)
-    evaluate_segmentation(
-        model, dataset, None, metric, mode=args.mode, window_size=args.window_size, window_stride=args.window_stride,
-        flip=args.flip, window_batch_size=args.window_batch_size, progress=True, num_workers=args.dataloader_num_workers,
-    )
-    results = metric.compute()
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        summed = evaluate_segmentation(
+            model, dataset, accelerator, metric, mode=args.mode, window_size=args.window_size,
+            window_stride=args.window_stride, flip=args.flip, window_batch_size=args.window_batch_size, progress=True,
+            num_workers=args.dataloader_num_workers,
+        )
+    results = summed.compute()
     settings["seconds"] = round(time.time() - start, 1)
+    if accelerator.is_main_process:
+        write_report(args, settings, results)
+    accelerator.end_training()  # the process group, where there is one
+    return 0
 
-    # 4. Report.
+
+def write_report(args, settings: dict, results: dict) -> None:
+    """The table on the terminal and the JSON file (main process only)."""
     print(format_results_table(results))
     output = Path(args.output_json) if args.output_json else (
         Path(args.model_name_or_path) / "eval_results.json" if Path(args.model_name_or_path).is_dir() else Path("eval_results.json")
     )
     output.write_text(json.dumps({"settings": settings, **results_to_json(results)}, indent=2), encoding="utf-8")
     print(f"Wrote {output}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ def evaluate_segmentation(
     config's official test mode (a model wrapped by `accelerator.prepare` needs an explicit mode). The
     test-time scales are the dataset's (`SegmentationEvalDataset(..., scales=...)`).
     `accelerator=None` evaluates every image in this process and returns `metric` itself.
+    progress: one bar over all processes' images, shown by the main process.
     """
     was_training = model.training
     model.eval()
@@ -59,12 +60,14 @@ def evaluate_segmentation(
         Subset(dataset, indices), batch_size=batch_size, collate_fn=list, num_workers=num_workers,
         generator=torch.Generator(),
     )
-    if progress:
+    bar = None
+    if progress:  # one bar, on the main process, over every process's images
         from tqdm.auto import tqdm
 
-        loader = tqdm(loader, desc="evaluating", unit="batch")
+        shares = [len(range(rank, count, num_processes)) for rank in range(num_processes)]
+        bar = tqdm(total=count, desc="evaluating", unit="image", disable=process_index != 0)
     position = 0
-    for batch in loader:
+    for step, batch in enumerate(loader):
         groups = {}
         for offset, item in enumerate(batch):
             shapes = tuple(tuple(pixels.shape) for pixels in item["pixel_values"])
@@ -79,6 +82,10 @@ def evaluate_segmentation(
             for (index, item), prediction in zip(members, predictions):
                 if scored[index]:
                     metric.update(prediction.segmentation, item["labels"])
+        if bar is not None:  # the processes advance in step, one batch each: every share's first images are done
+            bar.update(sum(min(share, (step + 1) * batch_size) for share in shares) - bar.n)
+    if bar is not None:
+        bar.close()
     if was_training:
         model.train()
     return metric.synced(accelerator) if accelerator is not None else metric
