@@ -10,6 +10,9 @@ label's original resolution with the streaming confusion-matrix metric.
     # the embedded demo's model on the synthetic validation scenes
     python examples/evaluate.py --model_name_or_path runs/demo
 
+    # an ONNX export (float32 or int8, examples/export_onnx.py) with ONNX Runtime: the same JSON
+    python examples/evaluate.py --onnx runs/demo-int8/model.onnx
+
     # ADE20K validation, official single-scale / multi-scale + flip
     python examples/evaluate.py --model_name_or_path runs/metaseg-t-ade20k --data_dir data/ADEChallengeData2016 --dataset_format ade20k
     python examples/evaluate.py ... --scales 0.5 0.75 1.0 1.25 1.5 1.75 --flip
@@ -44,8 +47,13 @@ from metaseg_hf.metrics import StreamingMeanIoU, format_results_table, results_t
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model_name_or_path", "--model", dest="model_name_or_path", required=True,
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model_name_or_path", "--model", dest="model_name_or_path",
                         help="a trained MetaSeg folder or Hub id")
+    source.add_argument("--onnx", type=Path,
+                        help="a model.onnx written by examples/export_onnx.py (float32 or int8), or its folder, run "
+                             "with ONNX Runtime on the CPU")
+    parser.add_argument("--threads", type=int, help="--onnx: ONNX Runtime threads (default: one per core)")
     parser.add_argument("--dataset_name", help="a `datasets` Hub id or save_to_disk folder")
     parser.add_argument("--split", help="split of --dataset_name (default: validation, val or test)")
     parser.add_argument("--data_dir", "--validation_dir", dest="data_dir",
@@ -74,6 +82,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.dataset_name and args.data_dir:
         parser.error("give either --dataset_name or --data_dir, not both")
+    if args.onnx is not None and (args.device not in (None, "cpu") or args.mixed_precision or args.bf16):
+        parser.error("--onnx runs the file as exported, with ONNX Runtime on the CPU: leave out --device, "
+                     "--mixed_precision and --bf16")
     if args.bf16:
         if args.mixed_precision not in (None, "bf16"):
             parser.error(f"--bf16 contradicts --mixed_precision {args.mixed_precision}: give one of them")
@@ -94,10 +105,19 @@ def main(argv=None):
     device = torch.device(args.device) if args.device else accelerator.device
 
     # 2. Model and its image processor (the official test preprocessing saved with it).
-    model = AutoModelForSemanticSegmentation.from_pretrained(
-        args.model_name_or_path, trust_remote_code=args.trust_remote_code, token=args.token
-    ).to(device).eval()
-    processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code, token=args.token)
+    if args.onnx is not None:  # the exported file with ONNX Runtime, its config and processor settings beside it
+        from metaseg_hf import MetaSegImageProcessor
+        from metaseg_hf.onnx_metaseg import ORTMetaSegForSemanticSegmentation
+
+        model = ORTMetaSegForSemanticSegmentation.from_pretrained(args.onnx, num_threads=args.threads)
+        processor = MetaSegImageProcessor.from_pretrained(model.path.parent)
+        device = model.device
+    else:
+        model = AutoModelForSemanticSegmentation.from_pretrained(
+            args.model_name_or_path, trust_remote_code=args.trust_remote_code, token=args.token
+        ).to(device).eval()
+        processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code, token=args.token)
+    model_name = str(model.path) if args.onnx is not None else args.model_name_or_path
 
     # 3. The labelled split, through the library's loader; labels reduced as the layout (or the model) says.
     split, reduce_default = load_evaluation_split(
@@ -112,7 +132,8 @@ def main(argv=None):
 
     # 4. Inference and scoring: the library's evaluation, the same as during training.
     settings = {
-        "model": args.model_name_or_path,
+        "model": model_name,
+        "runtime": "onnxruntime" if args.onnx is not None else "pytorch",
         "data": split.source,
         "images": len(dataset),
         "mode": args.mode or model.config.inference_mode,
@@ -125,7 +146,7 @@ def main(argv=None):
         "mixed_precision": precision,
         "num_processes": accelerator.num_processes,
     }
-    accelerator.print(f"Evaluating {args.model_name_or_path} on {len(dataset)} images of {split.source}: "
+    accelerator.print(f"Evaluating {model_name} on {len(dataset)} images of {split.source}: "
                       f"mode {settings['mode']}, scales {args.scales}, flip {args.flip}, {accelerator.num_processes} process(es)")
     start = time.time()
     metric = StreamingMeanIoU(num_labels, id2label=id2label, device=device)
@@ -147,8 +168,9 @@ def main(argv=None):
 def write_report(args, settings: dict, results: dict) -> None:
     """The table on the terminal and the JSON file (main process only)."""
     print(format_results_table(results))
+    folder = Path(settings["model"]).parent if args.onnx is not None else Path(args.model_name_or_path)
     output = Path(args.output_json) if args.output_json else (
-        Path(args.model_name_or_path) / "eval_results.json" if Path(args.model_name_or_path).is_dir() else Path("eval_results.json")
+        folder / "eval_results.json" if folder.is_dir() else Path("eval_results.json")
     )
     output.write_text(json.dumps({"settings": settings, **results_to_json(results)}, indent=2), encoding="utf-8")
     print(f"Wrote {output}")

@@ -624,6 +624,65 @@ def load_segmentation_data(
     return SegmentationData(train, validation, id2label, reduce_labels, fmt, description, hub_dataset_id)
 
 
+@dataclass
+class ImageCollection:
+    """Unlabelled images (to calibrate a quantised model on, say): image files (or images in memory), or one
+    column of a `datasets` split. `len()`, `name(index)` (the path, or `source row i`) and `load(index)`: the
+    image as `image_io` reads it (a PIL image, EXIF orientation still to apply; a file that cannot be read
+    raises `DataError` naming it)."""
+
+    source: str
+    paths: list = field(default_factory=list)
+    dataset: object = None
+    image_column: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset) if self.dataset is not None else len(self.paths)
+
+    def name(self, index: int) -> str:
+        if self.dataset is not None:
+            return f"{self.source} row {index}"
+        path = self.paths[index]
+        return str(path) if isinstance(path, (str, os.PathLike)) else f"{self.source} item {index}"
+
+    def load(self, index: int):
+        value = self.dataset[int(index)][self.image_column] if self.dataset is not None else self.paths[index]
+        return _undecoded(value, self.name(index))
+
+
+def load_images(source, split: str = "train", image_column: str | None = None, token: str | None = None) -> ImageCollection:
+    """The images of `source`, without labels:
+
+    - a folder of images (searched recursively; label folders, `labels/`, `annotations/`, `masks/`, left out),
+      or an image/label folder's `images/`;
+    - a `datasets` `save_to_disk` folder or Hub id: split `split` (default "train"; a dataset saved without
+      splits is its own), its image column found by name (or `image_column`).
+
+    Raises `DataError` naming the source when it holds no image.
+    """
+    path = Path(source)
+    if path.is_dir() and not ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        folder = path / "images" if (path / "images").is_dir() else path
+        paths = [image for image in _images_under(folder)
+                 if not set(image.relative_to(folder).parts[:-1]) & set(LABEL_FOLDER_NAMES)]
+        _non_empty(paths, f"{folder} (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        return ImageCollection(str(folder), paths=paths)
+    if path.is_file():
+        raise DataError(f"{source} is a file; give a folder of images, or a `datasets` Hub id or save_to_disk folder")
+    loaded = _DatasetSplits(str(source), token)
+    if split not in loaded:
+        raise DataError(f"{source} has no {split!r} split (splits: {', '.join(loaded)})")
+    rows = loaded[split]
+    column = _column(rows.column_names, IMAGE_COLUMN_NAMES, image_column, "image", str(source))
+    if len(rows) == 0:
+        raise DataError(f"Empty split: {source}[{split}] has no rows")
+    import datasets
+
+    if isinstance(rows.features[column], datasets.Image):
+        rows = rows.cast_column(column, datasets.Image(decode=False))  # decoded and oriented by image_io
+    return ImageCollection(f"{source}[{split}]", dataset=rows, image_column=column)
+
+
 def load_evaluation_split(
     dataset_name: str | None = None,
     data_dir: str | None = None,

@@ -26,6 +26,7 @@ function here needs them, never by `import metaseg_hf`.
 """
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -423,6 +424,8 @@ class ORTMetaSegForSemanticSegmentation:
     def dtype(self) -> torch.dtype:
         return torch.float32
 
+    training = False  # as an nn.Module in eval mode: the library's evaluation reads and restores it
+
     def eval(self) -> "ORTMetaSegForSemanticSegmentation":
         return self
 
@@ -454,3 +457,367 @@ class ORTMetaSegForSemanticSegmentation:
     def __repr__(self) -> str:
         providers = self.session.get_providers()
         return f"{type(self).__name__}(path={str(self.path)!r}, num_labels={self.config.num_labels}, providers={providers})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# int8: static quantisation of the export, calibrated on images through the model's own processor
+# ---------------------------------------------------------------------------------------------------
+
+QUANTIZATION_FILE_NAME = "quantization.json"
+# Parts of the network an int8 export can keep in float32. Each is recognised on the ONNX nodes by the PyTorch
+# modules they were traced from (the exporter's class-hierarchy metadata) and by their attributes.
+FLOAT_PARTS = {
+    "gelu": "the GELUs exact, in float32 between a dequantise and a quantise (otherwise on uint8 as "
+            "x * sigmoid(1.702 x): ONNX Runtime's table-driven QLinearSigmoid and a QLinearMul)",
+    "stem": "the stem's two convolutions (MetaSegStem)",
+    "classifier": "the decode head's classifier (MetaSegClassifier)",
+    "depthwise": "the depthwise convolutions (the MSCA strips and 5x5, the MLPs' 3x3)",
+    "attention_spatial": "the MSCA's depthwise 5x5 and strip convolutions and their sum",
+    "decoder_norms": "the decoder's LayerNorms and its attention softmax",
+}
+# The int8 recipe, chosen by measurement (benchmarks/bench_int8.py; figures in benchmarks/RESULTS.md).
+INT8_RECIPE = {
+    "quant_format": "qdq",  # QuantizeLinear/DequantizeLinear pairs, fused by ONNX Runtime into integer kernels
+    "per_channel": False,  # one weight scale per tensor: as accurate here as per channel, and a little faster
+    "activation_type": "uint8",
+    "weight_type": "int8",  # u8 x s8: the VNNI integer dot products (s8 x s8 ran at 0.44x float32)
+    "calibration_method": "minmax",
+    "float_parts": ("stem",),  # the RGB input's two convolutions: the most accurate single part, no slower
+    "optimize_before": True,  # ONNX Runtime's graph optimisation (quant_pre_process) before quantising
+}
+QUANT_FORMATS = ("qdq", "qoperator")
+QUANT_TYPES = ("uint8", "int8")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "distribution")
+CALIBRATION_SIZE = 64  # images the activation ranges are measured on
+HELD_OUT = 8  # images kept back to measure the int8 model's agreement with float32
+
+
+@dataclass
+class ONNXQuantizationResult:
+    """What `export_onnx_int8` wrote and measured.
+
+    path: the int8 `model.onnx`. file_size / float_file_size: bytes of it and of the float32 export.
+    calibration_images / held_out_images: how many images set the ranges / measured the agreement.
+    pixel_agreement: the fraction of class-map pixels (at the held-out images' original sizes, the model's test
+    mode) where int8 and float32 agree. logits_max_abs_difference, logits_relative_error (||int8 - float32|| /
+    ||float32|| over all held-out logits): the same on the logits. recipe: the settings used.
+    """
+
+    path: Path
+    file_size: int
+    float_file_size: int
+    calibration_images: int
+    held_out_images: int
+    pixel_agreement: float
+    logits_max_abs_difference: float
+    logits_relative_error: float
+    recipe: dict
+
+    @property
+    def size_ratio(self) -> float:
+        return self.file_size / self.float_file_size
+
+
+def check_int8_recipe(recipe: dict | None) -> dict:
+    """`INT8_RECIPE` updated with `recipe`; raises ValueError naming an unknown key or value and the choices."""
+    merged = {**INT8_RECIPE, **(recipe or {})}
+    unknown = sorted(set(merged) - set(INT8_RECIPE))
+    if unknown:
+        raise ValueError(f"Unknown int8 recipe key(s) {unknown}; the keys are {sorted(INT8_RECIPE)}")
+    choices = {"quant_format": QUANT_FORMATS, "activation_type": QUANT_TYPES, "weight_type": QUANT_TYPES,
+               "calibration_method": CALIBRATION_METHODS}
+    for key, allowed in choices.items():
+        if merged[key] not in allowed:
+            raise ValueError(f"int8 recipe {key}={merged[key]!r}; choose one of {', '.join(allowed)}")
+    merged["float_parts"] = tuple(merged["float_parts"])
+    bad = [part for part in merged["float_parts"] if part not in FLOAT_PARTS]
+    if bad:
+        raise ValueError(f"Unknown float part(s) {bad}; the parts are {', '.join(FLOAT_PARTS)}")
+    return merged
+
+
+def _node_parts(model) -> dict:
+    """{node name: the FLOAT_PARTS it belongs to} for the nodes of a MetaSeg export (an onnx.ModelProto),
+    from the module classes torch.onnx records on each node. Raises ONNXExportError when the file has no such
+    record (an export by another tool)."""
+    parts, recorded = {}, False
+    for node in model.graph.node:
+        metadata = {entry.key: entry.value for entry in node.metadata_props}
+        hierarchy = metadata.get("pkg.torch.onnx.class_hierarchy")
+        recorded = recorded or hierarchy is not None
+        classes = {name.strip(" '\"").rsplit(".", 1)[-1] for name in (hierarchy or "[]").strip("[]").split(",")}
+        group = next((attribute.i for attribute in node.attribute if attribute.name == "group"), 1)
+        parts[node.name] = {
+            part
+            for part, belongs in (
+                ("stem", "MetaSegStem" in classes),
+                ("classifier", "MetaSegClassifier" in classes),
+                ("depthwise", node.op_type == "Conv" and group > 1),
+                ("attention_spatial", "MetaSegMultiScaleConvAttention" in classes
+                 and (node.op_type == "Add" or (node.op_type == "Conv" and group > 1))),
+                ("decoder_norms", node.op_type in ("LayerNormalization", "Softmax") and "MetaSegDecodeHead" in classes),
+            )
+            if belongs
+        }
+    if not recorded:
+        raise ONNXExportError(
+            "The float32 export records no module classes on its nodes (pkg.torch.onnx.class_hierarchy), so the "
+            "parts to keep in float32 cannot be found. Export with torch.onnx's dynamo exporter (export_onnx), or "
+            "quantise with float_parts=()."
+        )
+    return parts
+
+
+# GELU(x) ~ x * sigmoid(GELU_SIGMOID_SLOPE * x) (Hendrycks & Gimpel 2016, section 2), the form of GELU that
+# ONNX Runtime runs on 8-bit tensors: its QLinearSigmoid is a 256-entry table, and the slope folds into the
+# table's input scale.
+GELU_SIGMOID_SLOPE = 1.702
+
+
+def _gelu_on_uint8(model) -> int:
+    """Rewrites, in place, each `DequantizeLinear -> Gelu -> QuantizeLinear` of a quantised onnx.ModelProto
+    (per-tensor scales) into `QLinearSigmoid` (input scale x GELU_SIGMOID_SLOPE) and `QLinearMul` on the 8-bit
+    tensor (com.microsoft domain, ONNX Runtime's CPU kernels), which keeps the graph integer from one
+    convolution to the next. Returns how many GELUs it rewrote; the others stay as they were."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    producer = {output: node for node in graph.node for output in node.output}
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def scalar(name):
+        return numpy_helper.to_array(initializers[name]) if name in initializers else None
+
+    replacements, removed, added = {}, set(), []
+    for gelu in graph.node:
+        dequantize, users = producer.get(gelu.input[0]), consumers.get(gelu.output[0], [])
+        if (gelu.op_type != "Gelu" or dequantize is None or dequantize.op_type != "DequantizeLinear"
+                or len(users) != 1 or users[0].op_type != "QuantizeLinear" or len(consumers[gelu.input[0]]) != 1):
+            continue
+        quantize = users[0]
+        scale, zero_point = (scalar(name) for name in (list(dequantize.input) + [""])[1:3])
+        if scale is None or zero_point is None or scale.size != 1 or len(quantize.input) < 3:
+            continue
+        prefix = f"{gelu.name}_on_uint8"
+        lowest = np.iinfo(zero_point.dtype).min  # the sigmoid's [0, 1] on the full 8-bit range
+        added += [
+            numpy_helper.from_array(np.array(scale.item() * GELU_SIGMOID_SLOPE, np.float32), f"{prefix}_input_scale"),
+            numpy_helper.from_array(np.array(1 / 255, np.float32), f"{prefix}_sigmoid_scale"),
+            numpy_helper.from_array(np.array(lowest, zero_point.dtype), f"{prefix}_sigmoid_zero_point"),
+        ]
+        quantised_input, sigmoid = dequantize.input[0], f"{prefix}_sigmoid"
+        replacements[id(dequantize)] = [
+            helper.make_node(
+                "QLinearSigmoid",
+                [quantised_input, f"{prefix}_input_scale", dequantize.input[2], f"{prefix}_sigmoid_scale",
+                 f"{prefix}_sigmoid_zero_point"],
+                [sigmoid], name=f"{prefix}_QLinearSigmoid", domain="com.microsoft",
+            ),
+            helper.make_node(
+                "QLinearMul",
+                [quantised_input, dequantize.input[1], dequantize.input[2], sigmoid, f"{prefix}_sigmoid_scale",
+                 f"{prefix}_sigmoid_zero_point", quantize.input[1], quantize.input[2]],
+                [quantize.output[0]], name=f"{prefix}_QLinearMul", domain="com.microsoft",
+            ),
+        ]
+        removed |= {id(gelu), id(quantize)}
+    if not replacements:
+        return 0
+    nodes = []
+    for node in graph.node:
+        if id(node) in replacements:
+            nodes += replacements[id(node)]
+        elif id(node) not in removed:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(added)
+    if not any(entry.domain == "com.microsoft" for entry in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return len(replacements)
+
+
+def _calibration_inputs(images, image_processor, config, count: int, seed: int) -> tuple:
+    """Up to `count` images of `images` (an `ImageCollection`, a folder or dataset name, or a list of images
+    or paths), drawn in a seeded random order, each preprocessed by the model's image processor: (where they
+    come from, [(name, (1, C, H, W) float32 pixel values, (height, width) of the original)]). Raises DataError
+    naming the image that cannot be read or does not fit the model, or the source that holds no image."""
+    from .data import DataError, ImageCollection, load_images
+
+    if isinstance(images, (str, os.PathLike)):
+        images = load_images(images)
+    if not isinstance(images, ImageCollection):
+        images = ImageCollection("the calibration list", paths=list(images))
+        if not images.paths:
+            raise DataError("No calibration images: the list is empty. Give a folder of images or a dataset.")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    inputs = []
+    for index in order:
+        name, image = images.name(index), images.load(index)
+        try:
+            pixel_values = image_processor(images=image, return_tensors="pt")["pixel_values"]
+        except (TypeError, ValueError) as error:
+            raise DataError(f"Calibration image {name} cannot be preprocessed for this model: {error}") from error
+        if pixel_values.shape[1] != config.num_channels:
+            raise DataError(
+                f"Calibration image {name} gives {pixel_values.shape[1]} channels after the image processor, but the "
+                f"model takes {config.num_channels} (config.num_channels). Use images with the model's channels, or "
+                "the image processor saved with the model."
+            )
+        inputs.append((name, pixel_values.float().contiguous(), _original_size(image)))
+    return images.source, inputs
+
+
+def _original_size(image) -> tuple:
+    """(height, width) of an image as the processor reads it (EXIF orientation applied)."""
+    from .image_io import read_image
+
+    return tuple(read_image(image, "image").shape[:2])
+
+
+def _int8_agreement(float_path: Path, int8_path: Path, config, held_out: list) -> tuple:
+    """(class-map pixel agreement, largest |logits difference|, ||difference|| / ||float32 logits||) of the int8
+    file against the float32 one on `held_out` [(name, pixel values, original size)]."""
+    models = [ORTMetaSegForSemanticSegmentation(create_session(path), config, path) for path in (float_path, int8_path)]
+    agree = total = 0
+    largest, squared_difference, squared_reference = 0.0, 0.0, 0.0
+    for _, pixel_values, size in held_out:
+        reference, quantised = (model(pixel_values=pixel_values).logits.double() for model in models)
+        difference = quantised - reference
+        largest = max(largest, difference.abs().max().item())
+        squared_difference += difference.square().sum().item()
+        squared_reference += reference.square().sum().item()
+        maps = [model.predict(pixel_values, original_sizes=[size])[0].segmentation for model in models]
+        agree += (maps[0] == maps[1]).sum().item()
+        total += maps[0].numel()
+    return agree / total, largest, (squared_difference / max(squared_reference, 1e-30)) ** 0.5
+
+
+def export_onnx_int8(
+    model,
+    output_dir,
+    image_processor,
+    calibration_images,
+    calibration_size: int = CALIBRATION_SIZE,
+    held_out: int = HELD_OUT,
+    recipe: dict | None = None,
+    opset: int | None = None,
+    seed: int = 0,
+    log=print,
+) -> ONNXQuantizationResult:
+    """Exports a MetaSeg segmentation model to an int8 `output_dir/model.onnx`: `export_onnx` (fused, checked
+    against PyTorch), then ONNX Runtime's static quantisation with activation ranges measured on calibration
+    images preprocessed by `image_processor`, as the model sees them at test time.
+
+    calibration_images: a folder of images, a `datasets` Hub id or save_to_disk folder (its train split), a
+    `data.ImageCollection`, or a list of images / paths. `calibration_size` of them (drawn in a `seed`ed random
+    order) set the ranges, and `held_out` more (at most half of what there is) are kept back: on those the int8
+    file's class maps and logits are compared with the float32 export's, printed through `log` and returned.
+    recipe: changes to `INT8_RECIPE` (format, per-channel, types, calibration method, `float_parts`: which of
+    `FLOAT_PARTS` stay in float32).
+
+    Writes model.onnx (int8), config.json, preprocessor_config.json and quantization.json (the recipe and the
+    agreement), all at once at the end: on any failure nothing is left in `output_dir`. Raises `DataError`
+    (no calibration image, an unreadable one or one the model cannot take: named), ONNXExportError, or an
+    ImportError naming the `onnx` extra before anything else.
+    """
+    require_onnx(*EXPORT_PACKAGES, *CHECK_PACKAGES)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from .data import DataError
+
+    recipe = check_int8_recipe(recipe)
+    if calibration_size < 1 or held_out < 0:
+        raise ValueError(f"calibration_size must be at least 1 and held_out at least 0, got {calibration_size} and {held_out}")
+    source, inputs = _calibration_inputs(calibration_images, image_processor, model.config, calibration_size + held_out, seed)
+    kept_back = min(held_out, len(inputs) // 2)
+    if len(inputs) - kept_back < 1 or (held_out and not kept_back):
+        raise DataError(
+            f"{len(inputs)} calibration image(s): at least 2 are needed, one to calibrate on and one held back to "
+            "measure the int8 model's agreement with float32 (or held_out=0)."
+        )
+    calibration, checked = inputs[: len(inputs) - kept_back], inputs[len(inputs) - kept_back:]
+
+    output_dir = Path(output_dir)
+    created = not output_dir.exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".onnx-int8-", dir=output_dir))
+    written = False
+    try:
+        float_result = export_onnx(model, staging / "float32", image_processor, opset=opset, fuse=True, log=log)
+        import onnx
+
+        parts = _node_parts(onnx.load(str(float_result.path)))
+        excluded = sorted(name for name, belongs in parts.items() if belongs & set(recipe["float_parts"]))
+        prepared = staging / "prepared.onnx"
+        quant_pre_process(str(float_result.path), str(prepared), skip_optimization=not recipe["optimize_before"])
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.remaining = iter(calibration)
+
+            def get_next(self):
+                item = next(self.remaining, None)
+                return None if item is None else {INPUT_NAME: item[1].numpy()}
+
+        log(f"calibrating on {len(calibration)} image(s) ({recipe['calibration_method']}), float32 parts: "
+            f"{', '.join(recipe['float_parts']) or 'none'} ...")
+        quantised = staging / ONNX_FILE_NAME
+        types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+        quantize_static(
+            str(prepared), str(quantised), Reader(),
+            quant_format={"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}[recipe["quant_format"]],
+            per_channel=recipe["per_channel"],
+            activation_type=types[recipe["activation_type"]],
+            weight_type=types[recipe["weight_type"]],
+            nodes_to_exclude=excluded,
+            calibrate_method=getattr(CalibrationMethod, {"minmax": "MinMax"}.get(recipe["calibration_method"], recipe["calibration_method"].title())),
+        )
+        if "gelu" not in recipe["float_parts"]:
+            graph = onnx.load(str(quantised))
+            rewritten = _gelu_on_uint8(graph)
+            onnx.save(graph, str(quantised))
+            log(f"{rewritten} GELU(s) on uint8 as x * sigmoid({GELU_SIGMOID_SLOPE} x)")
+        agreement = (1.0, 0.0, 0.0)
+        if checked:
+            agreement = _int8_agreement(float_result.path, quantised, model.config, checked)
+            log(f"int8 vs float32 on {len(checked)} held-out image(s): class maps agree on {agreement[0]:.4%} of "
+                f"pixels; logits: max |difference| {agreement[1]:.3g}, relative error {agreement[2]:.3%}")
+        result = ONNXQuantizationResult(
+            path=output_dir / ONNX_FILE_NAME, file_size=quantised.stat().st_size,
+            float_file_size=float_result.file_size, calibration_images=len(calibration), held_out_images=len(checked),
+            pixel_agreement=agreement[0], logits_max_abs_difference=agreement[1], logits_relative_error=agreement[2],
+            recipe=recipe,
+        )
+        summary = {
+            "recipe": {**recipe, "float_parts": list(recipe["float_parts"])},
+            "calibration": {"source": source, "images": len(calibration), "seed": seed},
+            "agreement_with_float32": {"held_out_images": len(checked), "pixel_agreement": agreement[0],
+                                       "logits_max_abs_difference": agreement[1], "logits_relative_error": agreement[2]},
+            "file_size": result.file_size, "float32_file_size": result.float_file_size,
+        }
+        (staging / QUANTIZATION_FILE_NAME).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        for name in (ONNX_FILE_NAME, QUANTIZATION_FILE_NAME):
+            os.replace(staging / name, output_dir / name)
+        for name in ("config.json", "preprocessor_config.json"):
+            os.replace(staging / "float32" / name, output_dir / name)
+        written = True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not written and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+    log(f"wrote {result.path} (int8, {result.file_size / 2**20:.1f} MiB, {result.size_ratio:.2f} of float32's "
+        f"{result.float_file_size / 2**20:.1f} MiB) with config.json, preprocessor_config.json and {QUANTIZATION_FILE_NAME}")
+    return result

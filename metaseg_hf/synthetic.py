@@ -212,3 +212,12 @@ __all__ = [
     "save_example_image",
     "synthetic_scenes",
 ]
+
+
+def synthetic_images(split: str = "train", num_images: int | None = None, seed: int = 0):
+    """The scenes of one split as unlabelled images (`data.ImageCollection`, rendered on demand): what an
+    int8 export of the demo model calibrates on (`export_onnx.py --calibration_data synthetic`)."""
+    from .data import ImageCollection
+
+    scenes = SyntheticScenes(split, num_images, seed=seed)
+    return ImageCollection(f"the synthetic {split} scenes", dataset=scenes, image_column="image")
