@@ -252,11 +252,7 @@ def export_onnx(
     if check:
         with _traced_form(model, fuse=False), torch.no_grad():
             expected = [model(pixel_values=pixel_values).logits.float().cpu() for pixel_values in inputs]
-    created = not output_dir.exists()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".onnx-export-", dir=output_dir))
-    written = False
-    try:
+    with _staged_output(output_dir, ".onnx-export-") as (staging, publish):
         with _traced_form(model, fuse) as fused:
             log(f"exporting {type(model).__name__} ({'fused' if fused else 'straight port'}) to ONNX ...")
             _trace_to_onnx(_LogitsOnly(model), inputs[0], staging / ONNX_FILE_NAME, opset, minimum_input_size(model.config))
@@ -274,15 +270,31 @@ def export_onnx(
         model.config.to_json_file(staging / "config.json")
         image_processor.to_json_file(staging / "preprocessor_config.json")
         for path in staging.iterdir():
-            os.replace(path, output_dir / path.name)
+            publish(path)
+    log(f"wrote {result.path} ({result.file_size / 2**20:.1f} MiB, opset {result.opset}) with config.json and "
+        "preprocessor_config.json")
+    return result
+
+
+@contextlib.contextmanager
+def _staged_output(output_dir: Path, prefix: str):
+    """A scratch folder inside `output_dir` (created if missing) for an export to write into: yields
+    (scratch folder, publish), where `publish(path)` names a file to move into `output_dir` (same name) when
+    the block ends without an error. Whatever happens the scratch folder goes, and so does `output_dir` when
+    this created it and nothing was published: a failed export leaves the folder as it was."""
+    created = not output_dir.exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=output_dir))
+    published, written = [], False
+    try:
+        yield staging, published.append
+        for path in published:
+            os.replace(path, output_dir / Path(path).name)
         written = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if created and not written and not any(output_dir.iterdir()):
             output_dir.rmdir()
-    log(f"wrote {result.path} ({result.file_size / 2**20:.1f} MiB, opset {result.opset}) with config.json and "
-        "preprocessor_config.json")
-    return result
 
 
 @contextlib.contextmanager
@@ -659,8 +671,9 @@ def _calibration_inputs(images, image_processor, config, count: int, seed: int) 
     inputs = []
     for index in order:
         name, image = images.name(index), images.load(index)
-        try:
-            pixel_values = image_processor(images=image, return_tensors="pt")["pixel_values"]
+        try:  # decoded once, as the processor reads it (EXIF orientation applied): its size is the original's
+            pixels = image_processor.read_image(image)
+            pixel_values = image_processor(images=pixels, input_data_format="channels_last", return_tensors="pt")["pixel_values"]
         except (TypeError, ValueError) as error:
             raise DataError(f"Calibration image {name} cannot be preprocessed for this model: {error}") from error
         if pixel_values.shape[1] != config.num_channels:
@@ -669,15 +682,8 @@ def _calibration_inputs(images, image_processor, config, count: int, seed: int) 
                 f"model takes {config.num_channels} (config.num_channels). Use images with the model's channels, or "
                 "the image processor saved with the model."
             )
-        inputs.append((name, pixel_values.float().contiguous(), _original_size(image)))
+        inputs.append((name, pixel_values.float().contiguous(), tuple(pixels.shape[:2])))
     return images.source, inputs
-
-
-def _original_size(image) -> tuple:
-    """(height, width) of an image as the processor reads it (EXIF orientation applied)."""
-    from .image_io import read_image
-
-    return tuple(read_image(image, "image").shape[:2])
 
 
 def _int8_agreement(float_path: Path, int8_path: Path, config, held_out: list) -> tuple:
@@ -751,11 +757,7 @@ def export_onnx_int8(
     calibration, checked = inputs[: len(inputs) - kept_back], inputs[len(inputs) - kept_back:]
 
     output_dir = Path(output_dir)
-    created = not output_dir.exists()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".onnx-int8-", dir=output_dir))
-    written = False
-    try:
+    with _staged_output(output_dir, ".onnx-int8-") as (staging, publish):
         float_result = export_onnx(model, staging / "float32", image_processor, opset=opset, fuse=True, log=log)
         import onnx
 
@@ -809,15 +811,9 @@ def export_onnx_int8(
             "file_size": result.file_size, "float32_file_size": result.float_file_size,
         }
         (staging / QUANTIZATION_FILE_NAME).write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        for name in (ONNX_FILE_NAME, QUANTIZATION_FILE_NAME):
-            os.replace(staging / name, output_dir / name)
-        for name in ("config.json", "preprocessor_config.json"):
-            os.replace(staging / "float32" / name, output_dir / name)
-        written = True
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created and not written and not any(output_dir.iterdir()):
-            output_dir.rmdir()
+        for path in (staging / ONNX_FILE_NAME, staging / QUANTIZATION_FILE_NAME, staging / "float32" / "config.json",
+                     staging / "float32" / "preprocessor_config.json"):
+            publish(path)
     log(f"wrote {result.path} (int8, {result.file_size / 2**20:.1f} MiB, {result.size_ratio:.2f} of float32's "
         f"{result.float_file_size / 2**20:.1f} MiB) with config.json, preprocessor_config.json and {QUANTIZATION_FILE_NAME}")
     return result

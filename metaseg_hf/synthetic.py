@@ -201,6 +201,15 @@ def save_example_image(path, index: int = 0, seed: int = 0, image_size: int | tu
     return paths
 
 
+def synthetic_images(split: str = "train", num_images: int | None = None, seed: int = 0):
+    """The scenes of one split as unlabelled images (`data.ImageCollection`, rendered on demand): what an
+    int8 export of the demo model calibrates on (`export_onnx.py --calibration_data synthetic`)."""
+    from .data import ImageCollection
+
+    scenes = SyntheticScenes(split, num_images, seed=seed)
+    return ImageCollection(f"the synthetic {split} scenes", dataset=scenes, image_column="image")
+
+
 __all__ = [
     "SYNTHETIC_DEMO_RECIPE",
     "SYNTHETIC_ID2LABEL",
@@ -210,14 +219,7 @@ __all__ = [
     "SyntheticScenes",
     "render_scene",
     "save_example_image",
+    "synthetic_images",
     "synthetic_scenes",
 ]
 
-
-def synthetic_images(split: str = "train", num_images: int | None = None, seed: int = 0):
-    """The scenes of one split as unlabelled images (`data.ImageCollection`, rendered on demand): what an
-    int8 export of the demo model calibrates on (`export_onnx.py --calibration_data synthetic`)."""
-    from .data import ImageCollection
-
-    scenes = SyntheticScenes(split, num_images, seed=seed)
-    return ImageCollection(f"the synthetic {split} scenes", dataset=scenes, image_column="image")
