@@ -1,20 +1,23 @@
 """Full-resolution class maps: `processor.segment` and `post_process_semantic_segmentation` against the
 forward pass, on photos of 640x480, 1920x1080, 4000x3000 and 3000x4000 (issue 24), 2 CPU threads.
 
-For each photo size, in one process, round-robin after a warm-up (medians):
+For each model and photo size, in one process, round-robin after a warm-up (medians):
 - forward: `model(pixel_values)` at the processed size (no resize);
 - segment: `processor.segment(model, photo)` end to end (preprocessing, forward, class map at the photo's size);
 - post_process: `post_process_semantic_segmentation` on that forward's logits;
-- before: the same post-processing as the code before `resized_argmax` did it (every class resized and
-  soft-maxed band by band, `probabilities_max="full"`, which is still that path).
+- full: `processor.segment(..., probabilities_max="full")`, which also softmaxes every class at every pixel.
 Peak memory: each photo segmented in a fresh child process, VmHWM after minus before (the model loaded and
 warmed up on a small photo), with the default (class map only) and with `probabilities_max="full"`.
+`--tta`: on the first large photo, `segment` with flip, and with flip and the official scales, against
+the forward passes they run (each scale's forward, twice with flip). `--app`: the demo app's whole request
+(`SegmentationDemo.run`: read, segment, legend, class PNG, overlay) for a 10-megapixel photo.
 
-The model is the reference checkpoint (`metaseg-t-ade20k-random.pth`, random weights: flat logits)
-converted with the library, or with `--preset`, MetaSeg-T built from the ADE20K preset with seeded random
-weights. The photos are the reference photo resized (bilinear) to each size; nothing is downloaded.
+Models (`--models`): `reference` is the reference checkpoint (`metaseg-t-ade20k-random.pth`, random
+weights: flat logits) converted with the library; `preset` MetaSeg-T from the ADE20K preset with seeded
+random weights; a folder is a trained model with its processor (e.g. `runs/demo`). The photos are the
+reference photo resized (bilinear) to each size; nothing is downloaded.
 
-    python benchmarks/bench_full_resolution.py [--repeats 5] [--sizes 640x480 4000x3000] [--write]
+    python benchmarks/bench_full_resolution.py [--models reference runs/demo] [--sizes 4000x3000] [--tta] [--app] [--write]
 """
 
 import argparse
@@ -28,21 +31,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import COMMAND_LINE, REPO_ROOT, median, round_robin, use_fault_free_allocator, write_section  # noqa: E402
 
 SIZES = ["640x480", "1920x1080", "4000x3000", "3000x4000"]
+APP_PHOTO = "3872x2592"  # 10 megapixels
 REFERENCE = Path(os.environ.get("METASEG_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference"))
 
 
-def load_model(preset: bool):
+def load_model(spec: str):
+    """(model, processor, description) for `reference`, `preset` or a model folder."""
     import torch
 
-    from metaseg_hf import MetaSegConfig, MetaSegForSemanticSegmentation
+    from metaseg_hf import MetaSegConfig, MetaSegForSemanticSegmentation, MetaSegImageProcessor
     from metaseg_hf.conversion import convert_checkpoint
 
-    if preset or not (REFERENCE / "metaseg-t-ade20k-random.pth").exists():
+    if spec == "preset" or (spec == "reference" and not (REFERENCE / "metaseg-t-ade20k-random.pth").exists()):
         torch.manual_seed(0)
-        return MetaSegForSemanticSegmentation(MetaSegConfig.from_preset("metaseg-t-ade20k")).eval(), "MetaSeg-T preset, seeded random weights"
-    folder = Path(tempfile.mkdtemp()) / "metaseg-t"
-    convert_checkpoint(REFERENCE / "metaseg-t-ade20k-random.pth", folder, log=lambda message: None)
-    return MetaSegForSemanticSegmentation.from_pretrained(folder).eval(), "reference checkpoint (random weights)"
+        model = MetaSegForSemanticSegmentation(MetaSegConfig.from_preset("metaseg-t-ade20k"))
+        return model.eval(), MetaSegImageProcessor(), "MetaSeg-T preset, seeded random weights"
+    if spec == "reference":
+        folder = Path(tempfile.mkdtemp()) / "metaseg-t"
+        convert_checkpoint(REFERENCE / "metaseg-t-ade20k-random.pth", folder, log=lambda message: None)
+        description = "MetaSeg-T, reference checkpoint (random weights)"
+    else:
+        folder = Path(spec)
+        description = f"`{spec}` (trained)"
+    model = MetaSegForSemanticSegmentation.from_pretrained(folder).eval()
+    return model, MetaSegImageProcessor.from_pretrained(folder), description
 
 
 def photo(size: str):
@@ -53,15 +65,14 @@ def photo(size: str):
     return np.asarray(Image.open(REFERENCE / "metaseg-t-ade20k-image.png").convert("RGB").resize((width, height), Image.BILINEAR))
 
 
-def peak_child(size: str, preset: bool, probabilities_max) -> int:
+def peak_child(spec: str, size: str, probabilities_max) -> int:
     """MB of VmHWM added by segmenting one photo, in a fresh process (model loaded and warmed up first)."""
     script = f"""
 import sys; sys.path.insert(0, {str(REPO_ROOT / 'benchmarks')!r}); sys.path.insert(0, {str(REPO_ROOT / 'tests')!r})
 import torch; torch.set_num_threads(2)
 from bench_full_resolution import load_model, photo
 from helpers import peak_rss_mb
-from metaseg_hf import MetaSegImageProcessor
-model, _ = load_model({preset}); processor = MetaSegImageProcessor()
+model, processor, _ = load_model({spec!r})
 image = photo({size!r}); small = photo("320x240")
 processor.segment(model, small, probabilities_max={probabilities_max!r})
 before = peak_rss_mb()
@@ -72,11 +83,9 @@ print(peak_rss_mb() - before)
     return int(result.stdout.strip().splitlines()[-1])
 
 
-def table_row(model, processor, size: str, args) -> str:
+def table_row(spec, model, processor, size: str, repeats: int) -> str:
     """One photo size: times in one process (round-robin, medians) and peaks in child processes."""
     import torch
-
-    from metaseg_hf.inference_metaseg import logits_to_prediction
 
     image = photo(size)
     height, width = image.shape[:2]
@@ -84,56 +93,100 @@ def table_row(model, processor, size: str, args) -> str:
     with torch.no_grad():
         logits = model(pixel_values).logits
     input_size = tuple(pixel_values.shape[-2:])
-
-    def before():
-        for logit, target in processor._input_size_logits(logits, [(height, width)], [input_size]):
-            logits_to_prediction([logit], target, probabilities_max="full")
-
     cases = {
         "forward": lambda: model(pixel_values),
         "segment": lambda: processor.segment(model, image),
         "post_process": lambda: processor.post_process_semantic_segmentation(logits, target_sizes=[(height, width)]),
+        "full": lambda: processor.segment(model, image, probabilities_max="full"),
     }
-    if not args.no_before:
-        cases["before"] = before
     with torch.no_grad():
-        times = {name: median(values) for name, values in round_robin(cases, repeats=args.repeats, warmup=1).items()}
+        times = {name: median(values) for name, values in round_robin(cases, repeats=repeats, warmup=1).items()}
     forward = times["forward"]
-    peaks = [peak_child(size, args.preset, None), peak_child(size, args.preset, "full")]
-    earlier = f"{times['before']:.2f} s | {times['before'] / forward:.1f}x" if "before" in times else "- | -"
+    peaks = [peak_child(spec, size, None), peak_child(spec, size, "full")]
     return (
-        f"| {width}x{height} | {input_size[1]}x{input_size[0]} | {forward:.2f} s | {times['segment']:.2f} s | "
-        f"{times['segment'] / forward:.1f}x | {times['post_process']:.2f} s | {times['post_process'] / forward:.2f}x | "
-        f"{earlier} | {peaks[0]} | {peaks[1]} |"
+        f"| {width}x{height} | {input_size[1]}x{input_size[0]} | {forward:.3f} s | {times['segment']:.3f} s | "
+        f"{times['segment'] / forward:.2f}x | {times['post_process']:.3f} s | {times['post_process'] / forward:.2f}x | "
+        f"{times['full']:.2f} s | {peaks[0]} | {peaks[1]} |"
     )
+
+
+def tta_rows(model, processor, size: str, repeats: int) -> list[str]:
+    """`segment` with flip, and with flip and the official scales, against the forward passes they run."""
+    import torch
+
+    from metaseg_hf.inference_metaseg import preprocess_scales
+    from metaseg_hf.presets import TTA_SCALES
+
+    image = photo(size)
+    batches = dict(zip(TTA_SCALES, preprocess_scales(processor, image, TTA_SCALES)))
+    cases = {f"forward x{ratio}": (lambda batch=batch: model(batch)) for ratio, batch in batches.items()}
+    cases["flip"] = lambda: processor.segment(model, image, flip=True)
+    cases["flip + scales"] = lambda: processor.segment(model, image, flip=True, scales=TTA_SCALES)
+    with torch.no_grad():
+        times = {name: median(values) for name, values in round_robin(cases, repeats=repeats, warmup=1).items()}
+    forwards = {"flip": 2 * times["forward x1.0"], "flip + scales": 2 * sum(times[f"forward x{ratio}"] for ratio in TTA_SCALES)}
+    return [
+        f"| {size} | {name} | {forwards[name]:.2f} s | {times[name]:.2f} s | {times[name] / forwards[name]:.2f}x |"
+        for name in ("flip", "flip + scales")
+    ]
+
+
+def app_row(model, processor, repeats: int) -> str:
+    """The demo app's request for a 10-megapixel PNG: whole mode, no augmentation."""
+    import statistics
+    import time
+
+    sys.path.insert(0, str(REPO_ROOT / "examples"))
+    from app import SegmentationDemo
+    from PIL import Image
+
+    work_dir = Path(tempfile.mkdtemp())
+    path = work_dir / f"photo-{APP_PHOTO}.png"
+    Image.fromarray(photo(APP_PHOTO)).save(path)
+    demo = SegmentationDemo(model, processor, work_dir)
+    times = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        demo.run(str(path), "whole", False, False, 0.5, progress=lambda *args, **kwargs: None)
+        times.append(time.perf_counter() - started)
+    return f"| {APP_PHOTO} ({int(APP_PHOTO.split('x')[0]) * int(APP_PHOTO.split('x')[1]) / 1e6:.1f} MP) | {statistics.median(times[1:]):.2f} s |"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["reference"], help="reference, preset or model folders")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sizes", nargs="+", default=SIZES)
-    parser.add_argument("--preset", action="store_true", help="MetaSeg-T from the preset instead of the reference checkpoint")
-    parser.add_argument("--no-before", action="store_true", help="skip the earlier post-processing (slow on big photos)")
-    parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    parser.add_argument("--tta", action="store_true", help="time flip and multi-scale on the first large photo")
+    parser.add_argument("--app", action="store_true", help="time the demo app's request for a 10-megapixel photo")
+    parser.add_argument("--write", action="store_true", help="write the tables into benchmarks/RESULTS.md")
     args = parser.parse_args()
     use_fault_free_allocator()
     import torch
 
-    from metaseg_hf import MetaSegImageProcessor
-
     torch.set_num_threads(2)
-    model, source = load_model(args.preset)
-    processor = MetaSegImageProcessor()
-    lines = [
-        f"MetaSeg-T, {source}, whole mode, {torch.get_num_threads()} threads, medians of {args.repeats}; "
-        f"peak = VmHWM added by `segment` in a fresh process. `{COMMAND_LINE}`",
-        "",
-        "| photo | network input | forward | `segment` | ratio | `post_process` | ratio | before: `post_process` | ratio | peak MB | peak MB with `probabilities_max=\"full\"` |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for size in args.sizes:
-        lines.append(table_row(model, processor, size, args))
-        print(lines[-1], flush=True)
+    lines = [f"{torch.get_num_threads()} threads, medians of {args.repeats}, whole mode; peak = VmHWM added by `segment` "
+             f"in a fresh process. `{COMMAND_LINE}`"]
+    for spec in args.models:
+        model, processor, description = load_model(spec)
+        lines += [
+            "", f"{description}:", "",
+            "| photo | network input | forward | `segment` | ratio | `post_process` | ratio | `segment`, "
+            "`probabilities_max=\"full\"` | peak MB | peak MB, `\"full\"` |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for size in args.sizes:
+            lines.append(table_row(spec, model, processor, size, args.repeats))
+            print(lines[-1], flush=True)
+        large = [size for size in args.sizes if int(size.split("x")[0]) * int(size.split("x")[1]) >= 10**7]
+        if args.tta and large:
+            lines += ["", "| photo | augmentation | its forward passes | `segment` | ratio |", "|---|---|---|---|---|"]
+            lines += tta_rows(model, processor, large[0], args.repeats)
+            print("\n".join(lines[-2:]), flush=True)
+        if args.app:
+            lines += ["", "| demo app, one request (read, segment, legend, class PNG, overlay) | time |", "|---|---|"]
+            lines.append(app_row(model, processor, args.repeats))
+            print(lines[-1], flush=True)
     print("\n".join(lines))
     if args.write:
         write_section("full-resolution", "## Full-resolution class maps (issue 24)\n\n" + "\n".join(lines))

@@ -49,7 +49,7 @@ from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 import metaseg_hf  # noqa: F401  (registers MetaSeg with the Auto classes)
 from metaseg_hf.image_io import ImageFileError, ImageTooLargeError, open_image_file, read_label
 from metaseg_hf.inference_metaseg import WINDOW_BATCH_SIZE, count_forward_passes, segment
-from metaseg_hf.presets import ARCHITECTURES
+from metaseg_hf.presets import ARCHITECTURES, TTA_SCALES
 from metaseg_hf.synthetic import save_example_image
 from metaseg_hf.visualization import (
     class_fractions,
@@ -69,7 +69,7 @@ examples/app.py needs a model: --model FOLDER_OR_HUB_ID. It trains nothing itsel
         python examples/app.py --model metaseg-t-ade20k
 """
 
-# MMSegmentation's multi-scale test uses 0.5 ... 1.75; three ratios keep a CPU demo responsive.
+# MMSegmentation's multi-scale test uses TTA_SCALES (0.5 ... 1.75); three ratios keep a CPU demo responsive.
 DEFAULT_SCALES = (0.75, 1.0, 1.25)
 DEFAULT_MAX_PIXELS = 40_000_000
 # Seconds an upload, a result picture or a class-id PNG stays on the server (and a session's last result).
@@ -123,7 +123,7 @@ def parse_args(argv=None):
     parser.add_argument("--examples", nargs="+", type=Path,
                         help="example photos (default: two held-out scenes of the synthetic demo dataset)")
     parser.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES),
-                        help="ratios of the multi-scale option (official: 0.5 0.75 1.0 1.25 1.5 1.75)")
+                        help=f"ratios of the multi-scale option (official: {' '.join(map(str, TTA_SCALES))})")
     parser.add_argument("--window_size", type=int,
                         help="slide mode: window side (default: the model's, else the processor's short side)")
     parser.add_argument("--window_stride", type=int,

@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import ChannelDimension, PILImageResampling, SizeDict, validate_preprocess_arguments
 from transformers.processing_utils import ImagesKwargs, Unpack
 
+from .class_maps import UpsampledLogits, materialize
 from .image_io import (
     EXPECTED_IMAGE,
     EXPECTED_MAP,
@@ -577,12 +577,12 @@ class MetaSegImageProcessor(BaseImageProcessor):
     # ------------------------------------------------------------------ post-processing
 
     def _input_size_logits(self, outputs, target_sizes, input_sizes=None, padded_size=None):
-        """Each image's float32 logits (num_labels, h, w) at its network input size, with its target size.
+        """Each image's float32 logit map at its network input size, with its target size.
 
-        Stride-8 logits are resized bilinearly (align_corners=False) to the padded network input size and
-        the padding is cropped to the image's processed size (the first of the official two resizes; the
-        second, to the target size, is `logits_to_prediction`'s). Without `target_sizes`, the logits are
-        returned as they are, with their own size as target.
+        Stride-8 logits become `UpsampledLogits`: their resize (bilinear, align_corners=False) to the padded
+        network input size, cropped to the image's processed size, is the first of the official two resizes,
+        done by `logits_to_prediction` where it needs it (the second, to the target size, is its own).
+        Without `target_sizes`, the logits are returned as they are, with their own size as target.
         """
         logits = outputs if isinstance(outputs, torch.Tensor) else getattr(outputs, "logits", None)
         if logits is None and isinstance(outputs, dict):
@@ -629,10 +629,10 @@ class MetaSegImageProcessor(BaseImageProcessor):
 
         def input_size_maps():
             for logit, input_size, target_size in zip(logits, input_sizes, target_sizes):
-                logit = logit[None].float()
-                if logit_size != padded_size:
-                    logit = F.interpolate(logit, size=padded_size, mode="bilinear", align_corners=False)
-                yield logit[0, :, : input_size[0], : input_size[1]], target_size
+                if logit_size != padded_size:  # resized when needed, or not at all (`upsampled_argmax`)
+                    yield UpsampledLogits(logit.float(), padded_size, tuple(input_size)), target_size
+                else:
+                    yield logit.float()[:, : input_size[0], : input_size[1]], target_size
 
         return input_size_maps()
 
@@ -646,7 +646,7 @@ class MetaSegImageProcessor(BaseImageProcessor):
         the target (original image) size, and each pixel takes the class of highest score (with
         `num_labels == 1`, a binary model: class 1 where the logit is above 0). Images are done one at a time
         (each input-size map is freed before the next is made), and the class map is exact without resizing
-        every class at every pixel (`inference_metaseg.resized_argmax`). The network input
+        every class at every pixel (`class_maps.upsampled_argmax`). The network input
         size is not in `outputs`: it is computed from each target size with this processor's own resize
         settings (the same computation as preprocessing), which is right whenever the images were prepared
         by this processor with its settings and `target_sizes` are their original sizes, as in
@@ -676,7 +676,7 @@ class MetaSegImageProcessor(BaseImageProcessor):
             return [logits_to_prediction([logit], target_size).segmentation for logit, target_size in maps]
         results = []
         for logit, target_size in maps:
-            scores = resize_logits(logit, target_size)
+            scores = resize_logits(materialize(logit), target_size)
             results.append(
                 SemanticSegmentationPostProcessorOutput(
                     data={"segmentation": scores_to_classes(scores), "segmentation_scores": scores}

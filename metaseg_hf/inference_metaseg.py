@@ -14,14 +14,19 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from .class_maps import (
+    UpsampledLogits,
+    bilinear_source,
+    materialize,
+    pruning_pays,
+    resized_argmax,
+    upsampled_argmax,
+    upsampled_argmax_applies,
+)
+
 # Elements (classes x rows x columns) per band when resizing logits to the original size: bounds
 # the peak memory of the final resize + softmax to about 64 MB per augmentation.
 BAND_ELEMENTS = 2**24
-# `resized_argmax`: the margin of its class bound, in float32 epsilons of the largest |logit| (the
-# interpolated values differ from their exact convex combination by a few roundings), and the least
-# upsampling (output pixels per input pixel) at which it is used instead of the direct resize.
-ROUNDING_MARGIN = 16
-PRUNING_MIN_UPSAMPLING = 4
 # Sliding windows per forward pass in "slide" mode (the result does not depend on it).
 WINDOW_BATCH_SIZE = 4
 
@@ -119,153 +124,6 @@ def input_size_logits(
     raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
 
 
-def _bilinear_source(out_length: int, in_length: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Indices and weights of PyTorch's bilinear resize (align_corners=False) along one axis."""
-    # As PyTorch's kernel: a float32 scale, the source coordinate rounded once to float32.
-    scale = torch.tensor(in_length / out_length, dtype=torch.float32).item()
-    positions = torch.arange(out_length, device=device, dtype=torch.float64)
-    source = ((positions + 0.5) * scale - 0.5).float().clamp(min=0)
-    lower = source.floor().long().clamp(max=in_length - 1)
-    upper = (lower + 1).clamp(max=in_length - 1)
-    weight = (source - lower).clamp(0, 1)
-    return lower, upper, weight
-
-
-class _ResizeCells:
-    """One axis of the bilinear resize (align_corners=False) with its outputs grouped into cells: runs of
-    consecutive outputs that read the same two source positions (`lower`, `upper`). Each cell is padded
-    to `block` outputs; the weights of the padding repeat the last output's and are never written out.
-
-    cell_lower, cell_upper, cell_start, cell_count: (cells,). weight_lower, weight_upper: (cells, block),
-    each output's weights as PyTorch's kernel has them (`1 - w`, `w`). cell_of: (out_length,) each output's cell.
-    """
-
-    def __init__(self, out_length: int, in_length: int, device):
-        lower, upper, weight = _bilinear_source(out_length, in_length, device)
-        self.cell_count = torch.unique_consecutive(lower, return_counts=True)[1]
-        self.cell_start = self.cell_count.cumsum(0) - self.cell_count
-        self.cell_lower, self.cell_upper = lower[self.cell_start], upper[self.cell_start]
-        self.cells, self.block = len(self.cell_count), int(self.cell_count.max())
-        positions = (self.cell_start[:, None] + torch.arange(self.block, device=device)).clamp(max=out_length - 1)
-        self.weight_lower, self.weight_upper = (1 - weight)[positions], weight[positions]
-        self.cell_of = torch.arange(self.cells, device=device).repeat_interleave(self.cell_count)
-
-
-def _pair_reduce(values: torch.Tensor, dim: int, lower: torch.Tensor, upper: torch.Tensor, reduce) -> torch.Tensor:
-    """`reduce(values at lower, values at upper)` along `dim`, reading strided views, not copies, when the
-    cells are consecutive source positions (always when upsampling)."""
-    count, first = len(lower), int(lower[0])
-    upper_shifted = count == 1 or bool((upper[:-1] == lower[:-1] + 1).all())
-    if int(lower[-1]) - first != count - 1 or not upper_shifted:
-        return reduce(values.index_select(dim, lower), values.index_select(dim, upper))
-    shape = list(values.shape)
-    shape[dim] = count
-    result = values.new_empty(shape)
-    pairs = count if int(upper[-1]) == int(lower[-1]) + 1 else count - 1  # the last cell may be clamped (upper == lower)
-    reduce(values.narrow(dim, first, pairs), values.narrow(dim, first + 1, pairs), out=result.narrow(dim, 0, pairs))
-    if pairs < count:
-        result.narrow(dim, pairs, 1).copy_(values.narrow(dim, first + pairs, 1))
-    return result
-
-
-def _pruning_pays(logits: torch.Tensor, size) -> bool:
-    """Whether the class-pruned argmax beats the direct resize: when each source cell covers several
-    output pixels (upsampling); the bound costs a few passes over the input-size logits."""
-    return size[0] * size[1] >= PRUNING_MIN_UPSAMPLING * logits.shape[1] * logits.shape[2] and logits.shape[0] > 1
-
-
-@torch.no_grad()
-def resized_argmax(logits: torch.Tensor, size, band_elements: int = BAND_ELEMENTS) -> torch.Tensor:
-    """`F.interpolate(logits[None], size, bilinear, align_corners=False)[0].argmax(0)` without the resize
-    of every class at every pixel. (num_labels, h, w) float32 -> (height, width) int64.
-
-    Every output pixel is a convex combination of the four input pixels of its cell, so class k can only
-    win in a cell where its largest corner value reaches the largest of the classes' smallest corner
-    values (less a margin for rounding). In most cells one class passes and fills the cell; in the others
-    only the passing classes are interpolated, with the kernel's arithmetic (`(a w0 + b w1) v0 + (c w0 +
-    d w1) v1`) so that near-ties fall as in the full resize, and the first of equal maxima wins, as in
-    `argmax`. The bound runs over bands of cell rows of about `band_elements` elements.
-    """
-    num_labels, in_height, in_width = logits.shape
-    height, width = int(size[0]), int(size[1])
-    device = logits.device
-    rows, columns = _ResizeCells(height, in_height, device), _ResizeCells(width, in_width, device)
-    low, high = torch.aminmax(logits)
-    margin = ROUNDING_MARGIN * torch.finfo(torch.float32).eps * max(abs(float(low)), abs(float(high)), 1.0)
-    segmentation = torch.empty(height, width, dtype=torch.long, device=device)
-    band_cells = max(1, band_elements // (num_labels * in_width))
-    for first_cell in range(0, rows.cells, band_cells):
-        cells = slice(first_cell, min(first_cell + band_cells, rows.cells))
-        top, bottom = int(rows.cell_start[cells.start]), int(rows.cell_start[cells.stop - 1] + rows.cell_count[cells.stop - 1])
-        row_max = _pair_reduce(logits, 1, rows.cell_lower[cells], rows.cell_upper[cells], torch.maximum)
-        row_min = _pair_reduce(logits, 1, rows.cell_lower[cells], rows.cell_upper[cells], torch.minimum)
-        cell_max = _pair_reduce(row_max, 2, columns.cell_lower, columns.cell_upper, torch.maximum)
-        del row_max
-        cell_min = _pair_reduce(row_min, 2, columns.cell_lower, columns.cell_upper, torch.minimum)
-        del row_min
-        # Where one class passes, it is the holder of the threshold (its upper bound is above its lower one).
-        threshold, winner = cell_min.max(dim=0)
-        del cell_min
-        candidates = cell_max >= threshold.sub_(margin)  # (num_labels, band cells, column cells)
-        del cell_max
-        band = segmentation[top:bottom]
-        band.copy_(winner.index_select(0, rows.cell_of[top:bottom] - cells.start).index_select(1, columns.cell_of))
-        counts = candidates.sum(dim=0).flatten()
-        contested = (counts > 1).nonzero().squeeze(1)
-        if len(contested):
-            _resolve_contested(logits, candidates, counts, contested, rows, columns, cells.start, top, band)
-    return segmentation
-
-
-def _resolve_contested(logits, candidates, counts, contested, rows, columns, first_cell, top, band):
-    """Writes into `band` (rows `top`... of the output) the argmax of the cells `contested` (flat indices
-    into the band's cells), interpolating each cell's candidate classes over its block of output pixels."""
-    num_labels, in_height, in_width = logits.shape
-    counts = counts[contested]
-    order = counts.argsort(descending=True, stable=True)
-    # (cell, class) pairs, cell by cell in `contested` order, classes ascending.
-    classes = candidates.flatten(1)[:, contested].t().nonzero()[:, 1]
-    offsets = (counts.cumsum(0) - counts)[order]
-    contested, counts = contested[order], counts[order]
-    cell_row, cell_column = contested // columns.cells + first_cell, contested % columns.cells
-    weight_top, weight_bottom = rows.weight_lower[cell_row][:, :, None], rows.weight_upper[cell_row][:, :, None]
-    weight_left, weight_right = columns.weight_lower[cell_column][:, None], columns.weight_upper[cell_column][:, None]
-    plane = in_height * in_width
-    corners = [
-        (rows_of[cell_row] * in_width + columns_of[cell_column])
-        for rows_of in (rows.cell_lower, rows.cell_upper)
-        for columns_of in (columns.cell_lower, columns.cell_upper)
-    ]
-    best_value = best_class = None
-    active_per_rank = torch.bincount(counts, minlength=int(counts[0]) + 1).flip(0).cumsum(0).flip(0)[1:].tolist()
-    for rank, active in enumerate(active_per_rank):
-        klass = classes[offsets[:active] + rank]
-        base = klass * plane
-        upper_left, upper_right, lower_left, lower_right = (
-            logits.take(base + corner[:active])[:, None, None] for corner in corners
-        )
-        left, right = weight_left[:active], weight_right[:active]
-        value = (upper_left * left + upper_right * right) * weight_top[:active] + (
-            lower_left * left + lower_right * right
-        ) * weight_bottom[:active]
-        klass = klass[:, None, None].expand_as(value)
-        if best_value is None:
-            best_value, best_class = value, klass.clone()
-        else:
-            better = value > best_value[:active]  # strict: the first (lowest) class of equal maxima stays
-            best_value[:active] = torch.where(better, value, best_value[:active])
-            best_class[:active] = torch.where(better, klass, best_class[:active])
-    block_rows, block_columns = rows.block, columns.block
-    row_offset, column_offset = torch.arange(block_rows, device=band.device), torch.arange(block_columns, device=band.device)
-    valid = (row_offset < rows.cell_count[cell_row][:, None])[:, :, None] & (
-        column_offset < columns.cell_count[cell_column][:, None]
-    )[:, None, :]
-    pixel_row = rows.cell_start[cell_row][:, None] + row_offset - top
-    pixel_column = columns.cell_start[cell_column][:, None] + column_offset
-    position = pixel_row[:, :, None] * band.shape[1] + pixel_column[:, None, :]
-    band.view(-1)[position[valid]] = best_class[valid]
-
-
 def _resize_band(logits: torch.Tensor, size: tuple[int, int], rows: slice) -> torch.Tensor:
     """Rows `rows` of `F.interpolate(logits, size, bilinear)`, computed without the other rows.
 
@@ -274,7 +132,7 @@ def _resize_band(logits: torch.Tensor, size: tuple[int, int], rows: slice) -> to
     in_h = logits.shape[1]
     if (in_h, logits.shape[2]) == tuple(size):
         return logits[:, rows]
-    top, bottom, weight = (tensor[rows] for tensor in _bilinear_source(size[0], in_h, logits.device))
+    top, bottom, weight = (tensor[rows] for tensor in bilinear_source(size[0], in_h, logits.device))
     first, last = int(top.min()), int(bottom.max())
     # Horizontal pass on the needed rows only (identical column weights to the full resize) ...
     needed = F.interpolate(
@@ -326,8 +184,23 @@ def _input_resolution_confidence(logits: torch.Tensor, original_size, band_eleme
     return F.interpolate(confidence[None, None], size=tuple(original_size), mode="bilinear", align_corners=False)[0, 0].cpu()
 
 
+def _class_map_of_one(logits: torch.Tensor, size, band_elements: int) -> torch.Tensor:
+    """The class map of one input-size logit map resized to `size`: pruned (`resized_argmax`) when
+    upsampling, else resized band by band. (num_labels, h, w) -> (height, width) int64 on the CPU."""
+    num_labels = logits.shape[0]
+    if pruning_pays(logits.shape[1:], size, num_labels):
+        return resized_argmax(logits, size, band_elements).cpu()
+    height, width = size
+    segmentation = torch.empty(height, width, dtype=torch.long)
+    band_rows = max(1, band_elements // (num_labels * width))
+    for start in range(0, height, band_rows):
+        rows = slice(start, min(start + band_rows, height))
+        segmentation[rows] = scores_to_classes(_resize_band(logits, size, rows)).cpu()
+    return segmentation
+
+
 def logits_to_prediction(
-    logit_maps: list[torch.Tensor],
+    logit_maps: list,
     original_size: tuple[int, int],
     return_probabilities: bool = False,
     band_elements: int = BAND_ELEMENTS,
@@ -336,10 +209,12 @@ def logits_to_prediction(
     """Resizes each (num_labels, h, w) logit map to `original_size`, averages their probabilities
     (softmax; sigmoid when num_labels == 1; several maps = test-time augmentation), and takes the class
     of highest probability (with one label: class 1 where the logit is above 0, or the mean probability
-    above 1/2).
+    above 1/2). A map is a tensor at the network input size, or `UpsampledLogits` (stride-8 logits and the
+    input size: the official two resizes).
 
-    The class map is exact: with one map it is `resized_argmax` (the full resize's argmax without
-    resizing every class at every pixel); otherwise the maps are resized, softmaxed and reduced band by band.
+    The class map is exact: with one map it is `upsampled_argmax` or `resized_argmax` (the full resize's
+    argmax without resizing every class at every pixel); otherwise the maps are resized, softmaxed and
+    reduced band by band.
     probabilities_max: None (default, `probabilities_max` is None: the class map alone costs the least),
     "full" (the winning probability at every pixel of the original size, exact; costs the softmax of every
     class at every pixel), or "input" (the winning probability at the network input resolution, i.e. at the
@@ -349,21 +224,20 @@ def logits_to_prediction(
     if probabilities_max not in PROBABILITIES_MAX_CHOICES:
         raise ValueError(f"probabilities_max must be one of {PROBABILITIES_MAX_CHOICES}, got {probabilities_max!r}")
     height, width = original_size
-    num_labels = logit_maps[0].shape[0]
     if len(logit_maps) == 1 and not return_probabilities and probabilities_max != "full":
-        logits = logit_maps[0]
-        if _pruning_pays(logits, original_size):
-            segmentation = resized_argmax(logits, original_size, band_elements).cpu()
+        only = logit_maps[0]
+        if isinstance(only, UpsampledLogits) and upsampled_argmax_applies(only, original_size):
+            segmentation = upsampled_argmax(only, original_size).cpu()
+            logits = materialize(only) if probabilities_max == "input" else None
         else:
-            segmentation = torch.empty(height, width, dtype=torch.long)
-            band_rows = max(1, band_elements // (num_labels * width))
-            for start in range(0, height, band_rows):
-                rows = slice(start, min(start + band_rows, height))
-                segmentation[rows] = scores_to_classes(_resize_band(logits, original_size, rows)).cpu()
+            logits = materialize(only)
+            segmentation = _class_map_of_one(logits, original_size, band_elements)
         confidence = None
         if probabilities_max == "input":
             confidence = _input_resolution_confidence(logits, original_size, band_elements)
         return SegmentationPrediction(segmentation, confidence)
+    logit_maps = [materialize(logit_map) for logit_map in logit_maps]
+    num_labels = logit_maps[0].shape[0]
     segmentation = torch.empty(height, width, dtype=torch.long)
     confidence = torch.empty(height, width)
     probabilities = torch.empty(num_labels, height, width) if return_probabilities else None
@@ -373,7 +247,7 @@ def logits_to_prediction(
         resized = [_resize_band(logits, original_size, rows) for logits in logit_maps]
         band = sum(class_probabilities(logits) for logits in resized) / len(logit_maps)
         band_max, band_classes = _class_map(band)
-        if len(logit_maps) == 1:  # the class map from the logits themselves, as `resized_argmax` has it
+        if len(logit_maps) == 1:  # the class map from the logits themselves, as the pruned argmax has it
             band_classes = scores_to_classes(resized[0])
         segmentation[rows], confidence[rows] = band_classes.cpu(), band_max.cpu()
         if probabilities is not None:
@@ -392,11 +266,16 @@ def _resolve_mode(model, mode, window_size, window_stride):
     return mode, window_size, window_stride
 
 
-def _augmented_logit_maps(model, pixel_values, flip, **inference_kwargs) -> list[list[torch.Tensor]]:
-    """Per-image lists of input-size logit maps: the plain pass and, with `flip`, the flipped one flipped back."""
-    maps = [list(input_size_logits(model, pixel_values, **inference_kwargs))]
+def _augmented_logit_maps(model, pixel_values, flip, mode, **inference_kwargs) -> list[list]:
+    """Per-image lists of logit maps: the plain pass (in whole mode, `UpsampledLogits`: the resize to the input
+    size is left to `logits_to_prediction`) and, with `flip`, the flipped one at the input size, flipped back."""
+    if mode == "whole":
+        size = tuple(pixel_values.shape[-2:])
+        maps = [[UpsampledLogits(logits, size) for logits in _model_logits(model, pixel_values)]]
+    else:
+        maps = [list(input_size_logits(model, pixel_values, mode=mode, **inference_kwargs))]
     if flip:
-        flipped = input_size_logits(model, pixel_values.flip(-1), **inference_kwargs).flip(-1)
+        flipped = input_size_logits(model, pixel_values.flip(-1), mode=mode, **inference_kwargs).flip(-1)
         maps.append(list(flipped))
     return [list(per_image) for per_image in zip(*maps)]
 

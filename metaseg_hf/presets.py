@@ -14,6 +14,10 @@ OFFICIAL_IMAGE_STD = (58.395, 57.12, 57.375)
 IMAGE_MEAN = tuple(value / 255 for value in OFFICIAL_IMAGE_MEAN)
 IMAGE_STD = tuple(value / 255 for value in OFFICIAL_IMAGE_STD)
 
+# The official multi-scale test (`MultiScaleFlipAug` with `aug_test`): resize ratios of the processor's box,
+# each also flipped.
+TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
 # MSCAN encoder sizes. MLP ratios, layer scale and stochastic depth are shared by both sizes.
 ARCHITECTURES = {
     "t": {"hidden_sizes": (32, 64, 160, 256), "depths": (3, 3, 5, 2)},

@@ -12,7 +12,15 @@ from torch.nn import functional as F
 
 from helpers import REPO_ROOT, tiny_config
 from metaseg_hf import MetaSegForSemanticSegmentation, MetaSegImageProcessor
-from metaseg_hf.inference_metaseg import logits_to_prediction, predict, resized_argmax, segment
+from metaseg_hf.class_maps import (
+    UpsampledLogits,
+    bilinear_source,
+    interpolate_pair,
+    resized_argmax,
+    upsampled_argmax,
+    upsampled_argmax_applies,
+)
+from metaseg_hf.inference_metaseg import logits_to_prediction, predict, segment
 
 
 def reference_map(logits, size):
@@ -61,6 +69,76 @@ def test_class_map_is_the_full_resize_argmax(case):
     assert_exact(logits_to_prediction([logits], size).segmentation, expected, logits, size)
     # Small bands: the bound and the block writes per band of cell rows agree with one band.
     assert_exact(resized_argmax(logits, size, band_elements=1), expected, logits, size)
+
+
+def two_step_reference(logits, input_size, size, crop=None):
+    """The official two resizes in full (stride-8 logits -> network input, cropped -> original size), then argmax."""
+    resized = F.interpolate(logits[None], size=input_size, mode="bilinear", align_corners=False)[0]
+    if crop is not None:
+        resized = resized[:, : crop[0], : crop[1]]
+    return reference_map(resized, size), resized
+
+
+TWO_STEP_CASES = {
+    # name: (logits, network input size, crop or None, original size)
+    "stride-8": (lambda: torch.randn(19, 24, 32) * 3, (192, 256), None, (601, 803)),
+    "portrait": (lambda: torch.randn(11, 32, 24), (256, 192), None, (801, 600)),
+    "flat-logits": (lambda: torch.randn(150, 16, 22) * 0.01, (128, 176), None, (700, 950)),
+    "non-integer-factors": (lambda: torch.randn(9, 17, 23), (131, 179), None, (613, 905)),
+    "padded-crop": (lambda: torch.randn(7, 16, 16), (128, 128), (96, 128), (500, 667)),
+    "factor-one-first-resize": (lambda: torch.randn(5, 70, 90), (70, 90), None, (420, 540)),
+    "near-ties": (lambda: torch.randn(1, 12, 16).repeat(6, 1, 1) + torch.randn(6, 1, 1) * 1e-6, (96, 128), None, (500, 640)),
+    "exact-ties": (lambda: torch.randn(1, 12, 16).repeat(4, 1, 1), (96, 128), None, (480, 640)),
+    "constant-map": (lambda: torch.ones(5, 12, 14) * torch.arange(5.0)[:, None, None], (96, 112), None, (480, 560)),
+    "two-classes": (lambda: torch.randn(2, 31, 29), (248, 232), None, (1000, 930)),
+    "large-magnitudes": (lambda: torch.randn(6, 21, 17) * 1e4, (168, 136), None, (840, 680)),
+    "one-logit-row": (lambda: torch.randn(5, 1, 40), (8, 320), None, (60, 1500)),
+}
+
+
+@pytest.mark.parametrize("case", TWO_STEP_CASES, ids=list(TWO_STEP_CASES))
+def test_class_map_from_stride_8_logits_is_the_two_resizes_argmax(case):
+    torch.manual_seed(0)
+    make, input_size, crop, size = TWO_STEP_CASES[case]
+    logits = make()
+    upsampled = UpsampledLogits(logits, input_size, crop)
+    assert upsampled_argmax_applies(upsampled, size)
+    expected, resized = two_step_reference(logits, input_size, size, crop)
+    # PyTorch's own arithmetic, fused multiply-adds included: equal, not only up to near-ties.
+    assert torch.equal(upsampled_argmax(upsampled, size), expected)
+    assert torch.equal(upsampled.materialize(), resized)
+    assert_exact(logits_to_prediction([upsampled], size).segmentation, expected, resized, size)
+
+
+def test_interpolate_pair_is_the_kernel_arithmetic_bit_for_bit():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 37, 53) * 7
+    for size in ((300, 420), (64, 71), (37, 900)):
+        resized = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+        rows, columns = (bilinear_source(length, source, "cpu") for length, source in zip(size, logits.shape[1:]))
+        (top, bottom, row_weight), (left, right, column_weight) = rows, columns
+        upper = interpolate_pair(logits[:, top][:, :, left], logits[:, top][:, :, right], 1 - column_weight, column_weight)
+        lower = interpolate_pair(logits[:, bottom][:, :, left], logits[:, bottom][:, :, right], 1 - column_weight, column_weight)
+        ours = interpolate_pair(upper, lower, (1 - row_weight)[:, None], row_weight[:, None])
+        assert torch.equal(ours, resized), f"{size}: {(ours != resized).float().mean():.1%} of values differ"
+
+
+def test_two_resizes_outside_the_pruned_path_are_done_in_full():
+    """Downsampling, one class, and maps PyTorch resizes with its other kernel: the map is still the official one."""
+    torch.manual_seed(0)
+    cases = [
+        (torch.randn(7, 16, 20), (128, 160), (100, 90)),  # the second resize shrinks the width
+        (torch.randn(1, 16, 20), (128, 160), (640, 800)),  # binary: the logit thresholded at 0
+        (torch.randn(5, 6, 7), (48, 56), (300, 350)),  # input height + width <= 128
+        (torch.randn(5, 16, 20), (128, 160), (600, 2)),  # one pixel wide: not upsampling
+    ]
+    for logits, input_size, size in cases:
+        upsampled = UpsampledLogits(logits, input_size)
+        assert not upsampled_argmax_applies(upsampled, size)
+        expected, resized = two_step_reference(logits, input_size, size)
+        if logits.shape[0] == 1:
+            expected = (F.interpolate(resized[None], size=size, mode="bilinear", align_corners=False)[0, 0] > 0).long()
+        assert_exact(logits_to_prediction([upsampled], size).segmentation, expected, resized, size)
 
 
 def test_bound_prunes_but_keeps_every_possible_winner():

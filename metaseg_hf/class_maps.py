@@ -1,0 +1,394 @@
+"""Exact class maps of bilinearly resized logits, without resizing every class at every pixel.
+
+The official class map of a photo is the argmax of its logits resized twice, bilinearly with
+align_corners=False: the stride-8 logits to the network input size, then to the photo's size. For a
+12-megapixel photo with 150 classes the second resize alone is 1.8 billion values; the functions here give
+the same argmax from a small part of them:
+
+- `resized_argmax`: one resize (input-size logits, e.g. averaged sliding windows, to the photo's size);
+- `upsampled_argmax`: both resizes, from the stride-8 logits (`UpsampledLogits`), as whole-mode inference
+  and `post_process_semantic_segmentation` have them.
+
+Every resized value is a convex combination of the values it interpolates, so a class can only win in a
+region where its largest source value reaches the largest of the classes' smallest source values (less a
+margin for rounding). Regions where one class passes are filled with it; elsewhere only the passing classes
+are interpolated, with PyTorch's own CPU arithmetic (`interpolate_pair`), so that near-ties fall as in the
+full resize, and the first of equal maxima wins, as in `argmax`.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+# The margin of the class bound, in float32 epsilons of the largest |logit| (an interpolated value differs
+# from its exact convex combination by a few roundings per resize), and the least upsampling (output pixels
+# per input pixel) at which the pruned argmax is used instead of the direct resize.
+ROUNDING_MARGIN = 16
+PRUNING_MIN_UPSAMPLING = 4
+# PyTorch resizes maps of height + width <= 128 with its channels-last kernel, whose rounding differs from
+# `interpolate_pair`'s: `upsampled_argmax` leaves such sizes to the direct resize.
+SMALL_MAP_EDGES = 128
+# Output pixels x candidate classes interpolated at once for the contested cells (bounds their memory).
+CONTESTED_CHUNK_ELEMENTS = 2**22
+
+
+def bilinear_source(out_length: int, in_length: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices and weights of PyTorch's bilinear resize (align_corners=False) along one axis:
+    (lower, upper, weight) of each output position, its value being `lower * (1 - weight) + upper * weight`."""
+    # As PyTorch's kernel: a float32 scale, the source coordinate rounded once to float32.
+    scale = torch.tensor(in_length / out_length, dtype=torch.float32).item()
+    positions = torch.arange(out_length, device=device, dtype=torch.float64)
+    source = ((positions + 0.5) * scale - 0.5).float().clamp(min=0)
+    lower = source.floor().long().clamp(max=in_length - 1)
+    upper = (lower + 1).clamp(max=in_length - 1)
+    weight = (source - lower).clamp(0, 1)
+    return lower, upper, weight
+
+
+def interpolate_pair(lower: torch.Tensor, upper: torch.Tensor, weight_lower: torch.Tensor, weight_upper: torch.Tensor):
+    """One axis of PyTorch's CPU bilinear kernel, bit for bit: `fma(lower, weight_lower, upper * weight_upper)`
+    (the compiled kernel contracts `t0 * w0 + t1 * w1` so; `addcmul` is a fused multiply-add). A 2-D value is
+    this along the width, then along the height."""
+    return torch.addcmul(upper * weight_upper, lower, weight_lower)
+
+
+def rounding_margin(logits: torch.Tensor) -> float:
+    low, high = torch.aminmax(logits)
+    return ROUNDING_MARGIN * torch.finfo(torch.float32).eps * max(abs(float(low)), abs(float(high)), 1.0)
+
+
+class ResizeCells:
+    """One axis of the bilinear resize (align_corners=False) with its outputs grouped into cells: runs of
+    consecutive outputs that read the same two source positions (`cell_lower`, `cell_upper`). Each cell is
+    padded to `block` outputs by repeating its last one (the same value, written twice); `regular_block`
+    is the largest cell but the two at the edges.
+
+    cell_lower, cell_upper, cell_start, cell_count: (cells,). positions: (cells, block) the output index of
+    each slot. weight_lower, weight_upper: (cells, block), each slot's weights as PyTorch's kernel has them
+    (`1 - w`, `w`). cell_of: (out_length,) each output's cell.
+    """
+
+    def __init__(self, out_length: int, in_length: int, device):
+        lower, upper, weight = bilinear_source(out_length, in_length, device)
+        self.cell_count = torch.unique_consecutive(lower, return_counts=True)[1]
+        self.cell_start = self.cell_count.cumsum(0) - self.cell_count
+        self.cell_lower, self.cell_upper = lower[self.cell_start], upper[self.cell_start]
+        self.cells, self.block = len(self.cell_count), int(self.cell_count.max())
+        slots = torch.minimum(torch.arange(self.block, device=device), self.cell_count[:, None] - 1)
+        self.positions = self.cell_start[:, None] + slots
+        self.weight_lower, self.weight_upper = (1 - weight)[self.positions], weight[self.positions]
+        self.cell_of = torch.arange(self.cells, device=device).repeat_interleave(self.cell_count)
+        # The most outputs of a cell away from the edges (where the clamped source positions gather more).
+        self.regular_block = int(self.cell_count[1:-1].max()) if self.cells > 2 else self.block
+
+
+def _pair_reduce(values: torch.Tensor, dim: int, lower: torch.Tensor, upper: torch.Tensor, reduce) -> torch.Tensor:
+    """`reduce(values at lower, values at upper)` along `dim`, reading strided views, not copies, when the
+    cells are consecutive source positions (always when upsampling)."""
+    count, first = len(lower), int(lower[0])
+    upper_shifted = count == 1 or bool((upper[:-1] == lower[:-1] + 1).all())
+    if int(lower[-1]) - first != count - 1 or not upper_shifted:
+        return reduce(values.index_select(dim, lower), values.index_select(dim, upper))
+    shape = list(values.shape)
+    shape[dim] = count
+    result = values.new_empty(shape)
+    pairs = count if int(upper[-1]) == int(lower[-1]) + 1 else count - 1  # the last cell may be clamped (upper == lower)
+    reduce(values.narrow(dim, first, pairs), values.narrow(dim, first + 1, pairs), out=result.narrow(dim, 0, pairs))
+    if pairs < count:
+        result.narrow(dim, pairs, 1).copy_(values.narrow(dim, first + pairs, 1))
+    return result
+
+
+def pruning_pays(logits_size, size, num_labels: int) -> bool:
+    """Whether the class-pruned argmax beats the direct resize: with several classes, when each source cell
+    covers several output pixels (upsampling); the bound costs a few passes over the source logits."""
+    return size[0] * size[1] >= PRUNING_MIN_UPSAMPLING * logits_size[0] * logits_size[1] and num_labels > 1
+
+
+@torch.no_grad()
+def resized_argmax(logits: torch.Tensor, size, band_elements: int = 2**24) -> torch.Tensor:
+    """`F.interpolate(logits[None], size, bilinear, align_corners=False)[0].argmax(0)` without the resize
+    of every class at every pixel. (num_labels, h, w) float32 -> (height, width) int64.
+
+    The bound runs over each cell's four input pixels, in bands of cell rows of about `band_elements`
+    elements; the contested cells go to `_write_contested`.
+    """
+    num_labels, in_height, in_width = logits.shape
+    height, width = int(size[0]), int(size[1])
+    device = logits.device
+    rows, columns = ResizeCells(height, in_height, device), ResizeCells(width, in_width, device)
+    margin = rounding_margin(logits)
+    segmentation = torch.empty(height, width, dtype=torch.long, device=device)
+    band_cells = max(1, band_elements // (num_labels * in_width))
+    flat = logits.reshape(-1)
+    for first_cell in range(0, rows.cells, band_cells):
+        cells = slice(first_cell, min(first_cell + band_cells, rows.cells))
+        top, bottom = int(rows.cell_start[cells.start]), int(rows.cell_start[cells.stop - 1] + rows.cell_count[cells.stop - 1])
+        row_max = _pair_reduce(logits, 1, rows.cell_lower[cells], rows.cell_upper[cells], torch.maximum)
+        row_min = _pair_reduce(logits, 1, rows.cell_lower[cells], rows.cell_upper[cells], torch.minimum)
+        cell_max = _pair_reduce(row_max, 2, columns.cell_lower, columns.cell_upper, torch.maximum)
+        del row_max
+        cell_min = _pair_reduce(row_min, 2, columns.cell_lower, columns.cell_upper, torch.minimum)
+        del row_min
+        # Where one class passes, it is the holder of the threshold (its upper bound is above its lower one).
+        threshold, winner = cell_min.max(dim=0)
+        del cell_min
+        candidates = cell_max >= threshold.sub_(margin)  # (num_labels, band cells, column cells)
+        del cell_max
+        band = segmentation[top:bottom]
+        band.copy_(winner.index_select(1, columns.cell_of).index_select(0, rows.cell_of[top:bottom] - cells.start))
+        contested = (candidates.sum(dim=0) > 1).flatten().nonzero().squeeze(1)
+        if len(contested):
+            # (cell, class) pairs, cell by cell, classes ascending.
+            pair_cell, klass = candidates.flatten(1)[:, contested].t().nonzero().unbind(1)
+            cell = contested[pair_cell]
+            cell_row, cell_column = cell // columns.cells + cells.start, cell % columns.cells
+            corners = [
+                flat.take(klass * (in_height * in_width) + rows_of[cell_row] * in_width + columns_of[cell_column])
+                for rows_of in (rows.cell_lower, rows.cell_upper)
+                for columns_of in (columns.cell_lower, columns.cell_upper)
+            ]
+            _write_contested(segmentation, rows, columns, cell_row, cell_column, klass, corners)
+    return segmentation
+
+
+def _write_contested(segmentation, rows: ResizeCells, columns: ResizeCells, cell_row, cell_column, klass, corners):
+    """Writes into `segmentation` (height, width) the argmax over each contested cell's candidate classes at
+    every output pixel of the cell, interpolated with the kernel's arithmetic.
+
+    cell_row, cell_column, klass: (pairs,) candidate (cell, class) pairs, each cell's pairs together, classes
+    ascending. corners: the class's values at the cell's upper-left, upper-right, lower-left and lower-right
+    input pixels, four (pairs,) float32 tensors.
+    """
+    if not len(klass):
+        return
+    counts = torch.unique_consecutive(cell_row * columns.cells + cell_column, return_counts=True)[1]
+    starts = counts.cumsum(0) - counts
+    # The edge cells (clamped source positions) cover more outputs than the others: each kind its own block.
+    edge_row = rows.cell_count[cell_row[starts]] > rows.regular_block
+    edge_column = columns.cell_count[cell_column[starts]] > columns.regular_block
+    for row_kind in (False, True):
+        for column_kind in (False, True):
+            kind = ((edge_row == row_kind) & (edge_column == column_kind)).nonzero().squeeze(1)
+            if len(kind):
+                block = (rows.block if row_kind else rows.regular_block, columns.block if column_kind else columns.regular_block)
+                _write_cells(segmentation, rows, columns, starts[kind], counts[kind], cell_row, cell_column, klass, corners, block)
+
+
+def _write_cells(segmentation, rows, columns, starts, counts, cell_row, cell_column, klass, corners, block):
+    """`_write_contested` for cells of at most `block` (rows, columns) outputs: (block rows, block columns,
+    cells) tensors, the cells innermost."""
+    # Cells by decreasing number of candidates: at rank r, the cells with more than r candidates are a prefix.
+    order = counts.argsort(descending=True, stable=True)
+    starts, counts = starts[order], counts[order]
+    block_rows, block_columns = block
+    rank_type = torch.uint8 if int(counts[0]) <= 256 else torch.int32
+    chunk = max(1, CONTESTED_CHUNK_ELEMENTS // (block_rows * block_columns))
+    for first in range(0, len(starts), chunk):
+        chunk_starts, chunk_counts = starts[first : first + chunk], counts[first : first + chunk]
+        row, column = cell_row[chunk_starts], cell_column[chunk_starts]
+        weight_top = rows.weight_lower[row, :block_rows].t()[:, None, :]  # (block rows, 1, cells)
+        weight_bottom = rows.weight_upper[row, :block_rows].t()[:, None, :]
+        weight_left, weight_right = columns.weight_lower[column, :block_columns].t(), columns.weight_upper[column, :block_columns].t()
+        best_value = best_rank = None
+        active_per_rank = torch.bincount(chunk_counts).flip(0).cumsum(0).flip(0)[1:].tolist()
+        for rank, active in enumerate(active_per_rank):
+            pair = chunk_starts[:active] + rank
+            upper_left, upper_right, lower_left, lower_right = (corner[pair] for corner in corners)
+            left, right = weight_left[:, :active], weight_right[:, :active]
+            upper = interpolate_pair(upper_left, upper_right, left, right)
+            lower = interpolate_pair(lower_left, lower_right, left, right)
+            value = interpolate_pair(upper, lower, weight_top[:, :, :active], weight_bottom[:, :, :active])
+            if best_value is None:
+                best_value = value
+            elif best_rank is None:  # every contested cell has two candidates or more
+                best_rank = (value > best_value).to(rank_type)  # strict: the first (lowest) class of equal maxima stays
+                best_value = torch.maximum(best_value, value)
+            else:
+                best = best_value[:, :, :active]
+                best_rank[:, :, :active].masked_fill_(value > best, rank)
+                best[:] = torch.maximum(best, value)
+        winner = klass[chunk_starts + best_rank.long()]
+        position = rows.positions[row, :block_rows].t()[:, None, :] * segmentation.shape[1] + columns.positions[column, :block_columns].t()
+        segmentation.view(-1).index_put_((position.flatten(),), winner.flatten())
+
+
+@dataclass(frozen=True)
+class UpsampledLogits:
+    """Stride-8 logits with the network input size they are resized to, the resize not yet done: the first of
+    the official two resizes, left to whoever needs it, so that the class map at the original size skips most
+    of it (`upsampled_argmax`).
+
+    logits: (num_labels, h, w). size: (height, width) of the resize (the network input, padded or not).
+    crop: the (height, width) of the image's region of it, at its top left (default: all of it).
+    """
+
+    logits: torch.Tensor
+    size: tuple[int, int]
+    crop: tuple[int, int] | None = None
+
+    @property
+    def valid_size(self) -> tuple[int, int]:
+        return tuple(self.crop or self.size)
+
+    def materialize(self) -> torch.Tensor:
+        """(num_labels, *valid_size) float32: the resize (and crop) done."""
+        resized = F.interpolate(self.logits[None].float(), size=tuple(self.size), mode="bilinear", align_corners=False)[0]
+        if self.valid_size == tuple(self.size):
+            return resized
+        return resized[:, : self.valid_size[0], : self.valid_size[1]].contiguous()
+
+
+def materialize(logit_map) -> torch.Tensor:
+    """A logit map as a (num_labels, h, w) float32 tensor (`UpsampledLogits` resized)."""
+    return logit_map.materialize() if isinstance(logit_map, UpsampledLogits) else logit_map
+
+
+def upsampled_argmax_applies(upsampled: UpsampledLogits, size) -> bool:
+    """Whether `upsampled_argmax` gives the map: several classes, both resizes upsampling, the second by at
+    least `PRUNING_MIN_UPSAMPLING` in pixels, and both through PyTorch's generic kernel (more than
+    `SMALL_MAP_EDGES` of height + width, a contiguous map)."""
+    num_labels, height, width = upsampled.logits.shape
+    resized, valid = tuple(upsampled.size), upsampled.valid_size
+    return (
+        pruning_pays(valid, size, num_labels)
+        and resized[0] >= height and resized[1] >= width
+        and size[0] >= valid[0] and size[1] >= valid[1]
+        and sum(resized) > SMALL_MAP_EDGES and sum(size) > SMALL_MAP_EDGES
+        and not upsampled.logits.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+class _CoarseRuns:
+    """One axis of the two resizes (logits -> network input -> original size), both upsampling. The second
+    resize's cells (`cells`) are grouped into runs: consecutive cells whose input pixels all interpolate the
+    same range `low`..`high` of logits positions (at most `span` of them).
+
+    first_cell, run_cells, first_input, low, high: (runs,). run_of_cell: (cells,). source_*: the first
+    resize's (lower, upper, weights) of each input position.
+    """
+
+    def __init__(self, out_length: int, in_length: int, resized_length: int, logits_length: int, device):
+        self.cells = ResizeCells(out_length, in_length, device)
+        self.in_length = in_length
+        lower, upper, weight = bilinear_source(resized_length, logits_length, device)
+        self.source_lower, self.source_upper = lower[:in_length], upper[:in_length]
+        self.source_weight_lower, self.source_weight_upper = (1 - weight)[:in_length], weight[:in_length]
+        low, high = self.source_lower[self.cells.cell_lower], self.source_upper[self.cells.cell_upper]
+        self.run_cells = torch.unique_consecutive(low * logits_length + high, return_counts=True)[1]
+        self.first_cell = self.run_cells.cumsum(0) - self.run_cells
+        self.low, self.high = low[self.first_cell], high[self.first_cell]
+        self.span = int((self.high - self.low).max()) + 1
+        self.first_input = self.cells.cell_lower[self.first_cell]
+        self.run_of_cell = torch.arange(len(self.run_cells), device=device).repeat_interleave(self.run_cells)
+
+    def range_reduce(self, values: torch.Tensor, dim: int, reduce) -> torch.Tensor:
+        """`reduce` over each run's range of logits positions along `dim`: (..., logits_length, ...) -> (..., runs, ...)."""
+        length = values.shape[dim]
+        windows = [values]  # windows[s]: `reduce` over s + 1 consecutive positions, at each first position
+        for size in range(1, self.span):
+            window = windows[-1].narrow(dim, 0, length - size)
+            windows.append(torch.cat([reduce(window, values.narrow(dim, size, length - size)), values.narrow(dim, 0, size)], dim))
+        return torch.cat(windows, dim).index_select(dim, (self.high - self.low) * length + self.low)
+
+
+@torch.no_grad()
+def upsampled_argmax(upsampled: UpsampledLogits, size) -> torch.Tensor:
+    """The argmax of `upsampled.materialize()` resized to `size` (bilinear, align_corners=False), from the
+    stride-8 logits. -> (height, width) int64. Use where `upsampled_argmax_applies`.
+
+    Three levels: the bound over the logits each run of cells interpolates (a few logits per run, every
+    class); within contested runs, the bound over each cell's four input pixels, for the run's candidates
+    only (their input values computed, not the others'); the cells still contested go to `_write_contested`.
+    """
+    logits = upsampled.logits.float().contiguous()
+    num_labels, height, width = logits.shape
+    device = logits.device
+    rows = _CoarseRuns(int(size[0]), upsampled.valid_size[0], int(upsampled.size[0]), height, device)
+    columns = _CoarseRuns(int(size[1]), upsampled.valid_size[1], int(upsampled.size[1]), width, device)
+    margin = rounding_margin(logits)
+    # Columns first: the row pass then copies whole rows.
+    run_max = rows.range_reduce(columns.range_reduce(logits, 2, torch.maximum), 1, torch.maximum)
+    run_min = rows.range_reduce(columns.range_reduce(logits, 2, torch.minimum), 1, torch.minimum)
+    threshold, winner = run_min.max(dim=0)
+    candidates = run_max >= threshold.sub_(margin)  # (num_labels, row runs, column runs)
+    contested = candidates.sum(dim=0) > 1
+    cell_winner = winner.index_select(1, columns.run_of_cell).index_select(0, rows.run_of_cell)
+    pairs = []
+    for run_rows in torch.unique(rows.run_cells).tolist():
+        for run_columns in torch.unique(columns.run_cells).tolist():
+            group = contested & (rows.run_cells == run_rows)[:, None] & (columns.run_cells == run_columns)[None, :]
+            if bool(group.any()):
+                pairs.append(_refine_runs(logits, candidates, group, rows, columns, margin, cell_winner))
+    segmentation = cell_winner.index_select(1, columns.cells.cell_of).index_select(0, rows.cells.cell_of)
+    if pairs:
+        cell_row, cell_column, klass, *corners = (torch.cat(parts) for parts in zip(*pairs))
+        _write_contested(segmentation, rows.cells, columns.cells, cell_row, cell_column, klass, corners)
+    return segmentation
+
+
+def _refine_runs(logits, candidates, group, rows: _CoarseRuns, columns: _CoarseRuns, margin: float, cell_winner):
+    """The cell-level bound inside the contested runs of one shape (`group`: (row runs, column runs) bool):
+    writes the winner of every cell that one class holds into `cell_winner` and returns the still contested
+    (cell row, cell column, class, four corner values) pairs, each cell's together, classes ascending."""
+    device = logits.device
+    runs = group.nonzero()  # (runs, 2)
+    pair_run, klass = candidates[:, group].t().nonzero().unbind(1)  # by run, classes ascending
+    row_run, column_run = runs[:, 0], runs[:, 1]
+    values = _input_values(logits, klass, rows, row_run[pair_run], columns, column_run[pair_run])
+    corners = (values[:-1, :-1], values[:-1, 1:], values[1:, :-1], values[1:, 1:])  # (run rows, run columns, pairs)
+    cell_max = torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))
+    cell_min = torch.minimum(torch.minimum(corners[0], corners[1]), torch.minimum(corners[2], corners[3]))
+    threshold = cell_min.new_full((*cell_min.shape[:2], len(runs)), -torch.inf)
+    threshold.scatter_reduce_(2, pair_run.expand_as(cell_min), cell_min, "amax")
+    passing = cell_max >= threshold.sub_(margin).index_select(2, pair_run)
+    count = torch.zeros(threshold.shape, dtype=torch.long, device=device).index_add_(2, pair_run, passing.long())
+    holder = torch.zeros_like(count).index_add_(2, pair_run, passing * klass)
+    cell_rows = rows.first_cell[row_run] + torch.arange(count.shape[0], device=device)[:, None]  # (run rows, runs)
+    cell_columns = columns.first_cell[column_run] + torch.arange(count.shape[1], device=device)[:, None]
+    cell_winner[cell_rows[:, None, :], cell_columns[None, :, :]] = holder  # cells of several candidates: overwritten later
+    # (row, column, pair) order: a cell's pairs are together (its run's), classes ascending.
+    row, column, pair = (passing & (count > 1).index_select(2, pair_run)).nonzero().unbind(1)
+    run = pair_run[pair]
+    return (
+        cell_rows[row, run], cell_columns[column, run], klass[pair],
+        *(corner[row, column, pair] for corner in corners),
+    )
+
+
+def _input_values(logits, klass, rows: _CoarseRuns, row_run, columns: _CoarseRuns, column_run) -> torch.Tensor:
+    """Each (run, class) pair's input-size values over its run's input pixels, with the first resize's
+    arithmetic: (pairs,) -> (run rows + 1, run columns + 1, pairs) float32."""
+    device = logits.device
+    num_labels, height, width = logits.shape
+    run_rows, run_columns = int(rows.run_cells[row_run[0]]), int(columns.run_cells[column_run[0]])
+    input_rows = (rows.first_input[row_run] + torch.arange(run_rows + 1, device=device)[:, None]).clamp_(max=rows.in_length - 1)
+    input_columns = (columns.first_input[column_run] + torch.arange(run_columns + 1, device=device)[:, None]).clamp_(
+        max=columns.in_length - 1
+    )
+    low = rows.low[row_run]
+    logits_rows = torch.minimum(low + torch.arange(rows.span, device=device)[:, None], rows.high[row_run])  # (span, pairs)
+    row_base = (klass * (height * width) + logits_rows * width)[:, None, :]
+    flat = logits.view(-1)
+    # Along the width, at each logits row of the run's range ...
+    horizontal = interpolate_pair(
+        flat.take(row_base + columns.source_lower[input_columns]),
+        flat.take(row_base + columns.source_upper[input_columns]),
+        columns.source_weight_lower[input_columns],
+        columns.source_weight_upper[input_columns],
+    )  # (span, run columns + 1, pairs)
+    # ... then along the height.
+    upper, lower = (
+        _rows_of(horizontal, source[input_rows] - low) for source in (rows.source_lower, rows.source_upper)
+    )
+    return interpolate_pair(
+        upper, lower, rows.source_weight_lower[input_rows][:, None, :], rows.source_weight_upper[input_rows][:, None, :]
+    )
+
+
+def _rows_of(horizontal: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(span, columns, pairs), (rows, pairs) offsets into the span -> (rows, columns, pairs)."""
+    if bool((offsets == offsets[:, :1]).all()):  # the same rows for every pair (as in regular runs)
+        return horizontal.index_select(0, offsets[:, 0])
+    return horizontal.gather(0, offsets[:, None, :].expand(-1, horizontal.shape[1], -1))
