@@ -64,8 +64,8 @@ class ResizeCells:
     padded to `block` outputs by repeating its last one (the same value, written twice); `regular_block`
     is the largest cell but the two at the edges.
 
-    cell_lower, cell_upper, cell_start, cell_count: (cells,). positions: (cells, block) the output index of
-    each slot. weight_lower, weight_upper: (cells, block), each slot's weights as PyTorch's kernel has them
+    cell_lower, cell_upper, cell_start, cell_count: (cells,). positions: (block, cells) the output index of
+    each slot. weight_lower, weight_upper: (block, cells), each slot's weights as PyTorch's kernel has them
     (`1 - w`, `w`). cell_of: (out_length,) each output's cell.
     """
 
@@ -75,8 +75,8 @@ class ResizeCells:
         self.cell_start = self.cell_count.cumsum(0) - self.cell_count
         self.cell_lower, self.cell_upper = lower[self.cell_start], upper[self.cell_start]
         self.cells, self.block = len(self.cell_count), int(self.cell_count.max())
-        slots = torch.minimum(torch.arange(self.block, device=device), self.cell_count[:, None] - 1)
-        self.positions = self.cell_start[:, None] + slots
+        slots = torch.minimum(torch.arange(self.block, device=device)[:, None], self.cell_count - 1)
+        self.positions = self.cell_start + slots
         self.weight_lower, self.weight_upper = (1 - weight)[self.positions], weight[self.positions]
         self.cell_of = torch.arange(self.cells, device=device).repeat_interleave(self.cell_count)
         # The most outputs of a cell away from the edges (where the clamped source positions gather more).
@@ -188,9 +188,9 @@ def _write_cells(segmentation, rows, columns, starts, counts, cell_row, cell_col
     for first in range(0, len(starts), chunk):
         chunk_starts, chunk_counts = starts[first : first + chunk], counts[first : first + chunk]
         row, column = cell_row[chunk_starts], cell_column[chunk_starts]
-        weight_top = rows.weight_lower[row, :block_rows].t()[:, None, :]  # (block rows, 1, cells)
-        weight_bottom = rows.weight_upper[row, :block_rows].t()[:, None, :]
-        weight_left, weight_right = columns.weight_lower[column, :block_columns].t(), columns.weight_upper[column, :block_columns].t()
+        weight_top = rows.weight_lower[:block_rows, row][:, None, :]  # (block rows, 1, cells)
+        weight_bottom = rows.weight_upper[:block_rows, row][:, None, :]
+        weight_left, weight_right = columns.weight_lower[:block_columns, column], columns.weight_upper[:block_columns, column]
         best_value = best_rank = None
         active_per_rank = torch.bincount(chunk_counts).flip(0).cumsum(0).flip(0)[1:].tolist()
         for rank, active in enumerate(active_per_rank):
@@ -210,7 +210,7 @@ def _write_cells(segmentation, rows, columns, starts, counts, cell_row, cell_col
                 best_rank[:, :, :active].masked_fill_(value > best, rank)
                 best[:] = torch.maximum(best, value)
         winner = klass[chunk_starts + best_rank.long()]
-        position = rows.positions[row, :block_rows].t()[:, None, :] * segmentation.shape[1] + columns.positions[column, :block_columns].t()
+        position = rows.positions[:block_rows, row][:, None, :] * segmentation.shape[1] + columns.positions[:block_columns, column]
         segmentation.view(-1).index_put_((position.flatten(),), winner.flatten())
 
 
@@ -315,12 +315,22 @@ def upsampled_argmax(upsampled: UpsampledLogits, size) -> torch.Tensor:
     candidates = run_max >= threshold.sub_(margin)  # (num_labels, row runs, column runs)
     contested = candidates.sum(dim=0) > 1
     cell_winner = winner.index_select(1, columns.run_of_cell).index_select(0, rows.run_of_cell)
+    # The contested runs grouped by shape (cells per row run x per column run), and their candidate pairs.
+    runs = contested.nonzero()
+    shape = rows.run_cells[runs[:, 0]] * (int(columns.run_cells.max()) + 1) + columns.run_cells[runs[:, 1]]
+    order = shape.argsort(stable=True)
+    runs, shape = runs[order], shape[order]
+    pair_run, klass = candidates[:, runs[:, 0], runs[:, 1]].t().nonzero().unbind(1)  # by run, classes ascending
+    run_bounds = torch.unique_consecutive(shape, return_counts=True)[1].cumsum(0)
+    pair_bounds = torch.searchsorted(pair_run, run_bounds).tolist()
     pairs = []
-    for run_rows in torch.unique(rows.run_cells).tolist():
-        for run_columns in torch.unique(columns.run_cells).tolist():
-            group = contested & (rows.run_cells == run_rows)[:, None] & (columns.run_cells == run_columns)[None, :]
-            if bool(group.any()):
-                pairs.append(_refine_runs(logits, candidates, group, rows, columns, margin, cell_winner))
+    for first_run, last_run, first_pair, last_pair in zip(
+        [0, *run_bounds[:-1].tolist()], run_bounds.tolist(), [0, *pair_bounds[:-1]], pair_bounds
+    ):
+        pairs.append(_refine_runs(
+            logits, runs[first_run:last_run], pair_run[first_pair:last_pair] - first_run, klass[first_pair:last_pair],
+            rows, columns, margin, cell_winner,
+        ))
     segmentation = cell_winner.index_select(1, columns.cells.cell_of).index_select(0, rows.cells.cell_of)
     if pairs:
         cell_row, cell_column, klass, *corners = (torch.cat(parts) for parts in zip(*pairs))
@@ -328,29 +338,32 @@ def upsampled_argmax(upsampled: UpsampledLogits, size) -> torch.Tensor:
     return segmentation
 
 
-def _refine_runs(logits, candidates, group, rows: _CoarseRuns, columns: _CoarseRuns, margin: float, cell_winner):
-    """The cell-level bound inside the contested runs of one shape (`group`: (row runs, column runs) bool):
-    writes the winner of every cell that one class holds into `cell_winner` and returns the still contested
-    (cell row, cell column, class, four corner values) pairs, each cell's together, classes ascending."""
+def _refine_runs(logits, runs, pair_run, klass, rows: _CoarseRuns, columns: _CoarseRuns, margin: float, cell_winner):
+    """The cell-level bound inside contested runs of one shape. runs: (runs, 2) their (row run, column run);
+    pair_run, klass: (pairs,) each candidate pair's run (an index into `runs`) and class, by run, classes
+    ascending. Writes the winner of every cell that one class holds into `cell_winner` and returns the still
+    contested (cell row, cell column, class, four corner values) pairs, each cell's together, classes ascending."""
     device = logits.device
-    runs = group.nonzero()  # (runs, 2)
-    pair_run, klass = candidates[:, group].t().nonzero().unbind(1)  # by run, classes ascending
     row_run, column_run = runs[:, 0], runs[:, 1]
     values = _input_values(logits, klass, rows, row_run[pair_run], columns, column_run[pair_run])
+    run_rows, run_columns = values.shape[0] - 1, values.shape[1] - 1
     corners = (values[:-1, :-1], values[:-1, 1:], values[1:, :-1], values[1:, 1:])  # (run rows, run columns, pairs)
     cell_max = torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))
     cell_min = torch.minimum(torch.minimum(corners[0], corners[1]), torch.minimum(corners[2], corners[3]))
-    threshold = cell_min.new_full((*cell_min.shape[:2], len(runs)), -torch.inf)
-    threshold.scatter_reduce_(2, pair_run.expand_as(cell_min), cell_min, "amax")
-    passing = cell_max >= threshold.sub_(margin).index_select(2, pair_run)
-    count = torch.zeros(threshold.shape, dtype=torch.long, device=device).index_add_(2, pair_run, passing.long())
-    holder = torch.zeros_like(count).index_add_(2, pair_run, passing * klass)
-    cell_rows = rows.first_cell[row_run] + torch.arange(count.shape[0], device=device)[:, None]  # (run rows, runs)
-    cell_columns = columns.first_cell[column_run] + torch.arange(count.shape[1], device=device)[:, None]
-    cell_winner[cell_rows[:, None, :], cell_columns[None, :, :]] = holder  # cells of several candidates: overwritten later
-    # (row, column, pair) order: a cell's pairs are together (its run's), classes ascending.
-    row, column, pair = (passing & (count > 1).index_select(2, pair_run)).nonzero().unbind(1)
-    run = pair_run[pair]
+    # Reductions over each run's pairs: pairs first, (pairs, cells of the run).
+    cell_max, cell_min = (bound.reshape(-1, len(klass)).t().contiguous() for bound in (cell_max, cell_min))
+    threshold = cell_min.new_full((len(runs), cell_min.shape[1]), -torch.inf)
+    threshold.scatter_reduce_(0, pair_run[:, None].expand_as(cell_min), cell_min, "amax")
+    passing = cell_max >= threshold.sub_(margin).index_select(0, pair_run)
+    count = torch.zeros(threshold.shape, dtype=torch.long, device=device).index_add_(0, pair_run, passing.long())
+    holder = torch.zeros_like(count).index_add_(0, pair_run, passing * klass[:, None])
+    cell_rows = rows.first_cell[row_run] + torch.arange(run_rows, device=device)[:, None]  # (run rows, runs)
+    cell_columns = columns.first_cell[column_run] + torch.arange(run_columns, device=device)[:, None]
+    # Cells of several candidates are overwritten later.
+    cell_winner[cell_rows[:, None, :], cell_columns[None, :, :]] = holder.t().reshape(run_rows, run_columns, -1)
+    # (cell of the run, pair) order: a cell's pairs are together (its run's), classes ascending.
+    cell, pair = (passing & (count > 1).index_select(0, pair_run)).t().nonzero().unbind(1)
+    row, column, run = cell // run_columns, cell % run_columns, pair_run[pair]
     return (
         cell_rows[row, run], cell_columns[column, run], klass[pair],
         *(corner[row, column, pair] for corner in corners),
