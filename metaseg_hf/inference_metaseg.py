@@ -138,9 +138,9 @@ def _resize_band(logits: torch.Tensor, size: tuple[int, int], rows: slice) -> to
     needed = F.interpolate(
         logits[None, :, first : last + 1], size=(last + 1 - first, size[1]), mode="bilinear", align_corners=False
     )[0]
-    # ... then the vertical pass with the full resize's row weights.
-    upper = needed.index_select(1, top - first)
-    return upper.lerp_(needed.index_select(1, bottom - first), weight[:, None])
+    # ... then the vertical pass with the full resize's row weights and arithmetic (`interpolate_pair`, in place).
+    upper, lower = needed.index_select(1, top - first), needed.index_select(1, bottom - first)
+    return lower.mul_(weight[:, None]).addcmul_(upper, (1 - weight)[:, None])
 
 
 def resize_logits(logits: torch.Tensor, size) -> torch.Tensor:
@@ -244,11 +244,15 @@ def logits_to_prediction(
     band_rows = max(1, band_elements // (num_labels * width))
     for start in range(0, height, band_rows):
         rows = slice(start, min(start + band_rows, height))
-        resized = [_resize_band(logits, original_size, rows) for logits in logit_maps]
-        band = sum(class_probabilities(logits) for logits in resized) / len(logit_maps)
+        band = None  # the sum of the maps' probabilities, then their mean (as MMSegmentation's aug_test)
+        for logits in logit_maps:
+            resized = _resize_band(logits, original_size, rows)
+            band = class_probabilities(resized) if band is None else band.add_(class_probabilities(resized))
+        if len(logit_maps) > 1:
+            band.div_(len(logit_maps))
         band_max, band_classes = _class_map(band)
         if len(logit_maps) == 1:  # the class map from the logits themselves, as the pruned argmax has it
-            band_classes = scores_to_classes(resized[0])
+            band_classes = scores_to_classes(resized)
         segmentation[rows], confidence[rows] = band_classes.cpu(), band_max.cpu()
         if probabilities is not None:
             probabilities[:, rows] = band.cpu()

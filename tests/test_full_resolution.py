@@ -20,7 +20,7 @@ from metaseg_hf.class_maps import (
     upsampled_argmax,
     upsampled_argmax_applies,
 )
-from metaseg_hf.inference_metaseg import logits_to_prediction, predict, segment
+from metaseg_hf.inference_metaseg import logits_to_prediction, predict, resize_logits, segment
 
 
 def reference_map(logits, size):
@@ -121,6 +121,8 @@ def test_interpolate_pair_is_the_kernel_arithmetic_bit_for_bit():
         lower = interpolate_pair(logits[:, bottom][:, :, left], logits[:, bottom][:, :, right], 1 - column_weight, column_weight)
         ours = interpolate_pair(upper, lower, (1 - row_weight)[:, None], row_weight[:, None])
         assert torch.equal(ours, resized), f"{size}: {(ours != resized).float().mean():.1%} of values differ"
+        # The band resize of `post_process_semantic_probabilities`, segmentation scores and augmented maps.
+        assert torch.equal(resize_logits(logits, size), resized)
 
 
 def test_two_resizes_outside_the_pruned_path_are_done_in_full():
