@@ -6,8 +6,9 @@ For each model and photo size, in one process, round-robin after a warm-up (medi
 - segment: `processor.segment(model, photo)` end to end (preprocessing, forward, class map at the photo's size);
 - post_process: `post_process_semantic_segmentation` on that forward's logits;
 - full: `processor.segment(..., probabilities_max="full")`, which also softmaxes every class at every pixel.
-Peak memory: each photo segmented in a fresh child process, VmHWM after minus before (the model loaded and
-warmed up on a small photo), with the default (class map only) and with `probabilities_max="full"`.
+Peak memory: each photo segmented in a fresh child process, VmHWM after minus the resident memory before
+(the model loaded and warmed up on a small photo, then VmHWM reset), with the default (class map only) and
+with `probabilities_max="full"`.
 `--tta`: on the first large photo, `segment` with flip, and with flip and the official scales, against
 the forward passes they run (each scale's forward, twice with flip). `--app`: the demo app's whole request
 (`SegmentationDemo.run`: read, segment, legend, class PNG, overlay) for a 10-megapixel photo.
@@ -66,16 +67,17 @@ def photo(size: str):
 
 
 def peak_child(spec: str, size: str, probabilities_max) -> int:
-    """MB of VmHWM added by segmenting one photo, in a fresh process (model loaded and warmed up first)."""
+    """MB of resident memory at the peak of segmenting one photo above the loaded process (model loaded and
+    warmed up first, VmHWM reset), in a fresh process."""
     script = f"""
 import sys; sys.path.insert(0, {str(REPO_ROOT / 'benchmarks')!r}); sys.path.insert(0, {str(REPO_ROOT / 'tests')!r})
 import torch; torch.set_num_threads(2)
 from bench_full_resolution import load_model, photo
-from helpers import peak_rss_mb
+from helpers import peak_rss_mb, reset_peak_rss_mb
 model, processor, _ = load_model({spec!r})
 image = photo({size!r}); small = photo("320x240")
 processor.segment(model, small, probabilities_max={probabilities_max!r})
-before = peak_rss_mb()
+before = reset_peak_rss_mb()
 processor.segment(model, image, probabilities_max={probabilities_max!r})
 print(peak_rss_mb() - before)
 """
@@ -166,8 +168,8 @@ def main():
     import torch
 
     torch.set_num_threads(2)
-    lines = [f"{torch.get_num_threads()} threads, medians of {args.repeats}, whole mode; peak = VmHWM added by `segment` "
-             f"in a fresh process. `{COMMAND_LINE}`"]
+    lines = [f"{torch.get_num_threads()} threads, medians of {args.repeats}, whole mode; peak = resident memory above the "
+             f"loaded process while `segment` runs, in a fresh process. `{COMMAND_LINE}`"]
     for spec in args.models:
         model, processor, description = load_model(spec)
         lines += [

@@ -16,6 +16,7 @@ are interpolated, with PyTorch's own CPU arithmetic (`interpolate_pair`), so tha
 full resize, and the first of equal maxima wins, as in `argmax`.
 """
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,12 @@ PRUNING_MIN_UPSAMPLING = 4
 # PyTorch resizes maps of height + width <= 128 with its channels-last kernel, whose rounding differs from
 # `interpolate_pair`'s: `upsampled_argmax` leaves such sizes to the direct resize.
 SMALL_MAP_EDGES = 128
-# Output pixels x candidate classes interpolated at once for the contested cells (bounds their memory).
+# Elements (classes x rows x columns) per band when resizing logits to the original size: bounds the peak
+# memory of a resize + softmax in full (augmented maps) and of `resized_argmax`'s bound to about 64 MB each.
+BAND_ELEMENTS = 2**24
+# Input values (run pixels x candidate classes) and output pixels (x candidate classes) computed at once in
+# the contested runs and cells of `upsampled_argmax` (bounds their memory).
+REFINE_CHUNK_ELEMENTS = 2**21
 CONTESTED_CHUNK_ELEMENTS = 2**22
 
 
@@ -49,11 +55,13 @@ def bilinear_source(out_length: int, in_length: int, device) -> tuple[torch.Tens
 def interpolate_pair(lower: torch.Tensor, upper: torch.Tensor, weight_lower: torch.Tensor, weight_upper: torch.Tensor):
     """One axis of PyTorch's CPU bilinear kernel, bit for bit: `fma(lower, weight_lower, upper * weight_upper)`
     (the compiled kernel contracts `t0 * w0 + t1 * w1` so; `addcmul` is a fused multiply-add). A 2-D value is
-    this along the width, then along the height."""
+    this along the width, then along the height. Where a kernel rounds otherwise (another build, a GPU), the
+    values differ in the last bit at most, so only classes tied within rounding can fall otherwise."""
     return torch.addcmul(upper * weight_upper, lower, weight_lower)
 
 
 def rounding_margin(logits: torch.Tensor) -> float:
+    """The slack of the class bounds: `ROUNDING_MARGIN` float32 epsilons of the largest |logit| (at least 1)."""
     low, high = torch.aminmax(logits)
     return ROUNDING_MARGIN * torch.finfo(torch.float32).eps * max(abs(float(low)), abs(float(high)), 1.0)
 
@@ -107,7 +115,7 @@ def pruning_pays(logits_size, size, num_labels: int) -> bool:
 
 
 @torch.no_grad()
-def resized_argmax(logits: torch.Tensor, size, band_elements: int = 2**24) -> torch.Tensor:
+def resized_argmax(logits: torch.Tensor, size, band_elements: int = BAND_ELEMENTS) -> torch.Tensor:
     """`F.interpolate(logits[None], size, bilinear, align_corners=False)[0].argmax(0)` without the resize
     of every class at every pixel. (num_labels, h, w) float32 -> (height, width) int64.
 
@@ -246,42 +254,45 @@ def materialize(logit_map) -> torch.Tensor:
 
 
 def upsampled_argmax_applies(upsampled: UpsampledLogits, size) -> bool:
-    """Whether `upsampled_argmax` gives the map: several classes, both resizes upsampling, the second by at
-    least `PRUNING_MIN_UPSAMPLING` in pixels, and both through PyTorch's generic kernel (more than
-    `SMALL_MAP_EDGES` of height + width, a contiguous map)."""
+    """Whether `upsampled_argmax` gives the map: several classes, the first resize upsampling (stride-8
+    logits), and both resizes through PyTorch's generic kernel (more than `SMALL_MAP_EDGES` of height +
+    width, a contiguous map). The second resize may enlarge, keep or shrink."""
     num_labels, height, width = upsampled.logits.shape
-    resized, valid = tuple(upsampled.size), upsampled.valid_size
+    resized = tuple(upsampled.size)
     return (
-        pruning_pays(valid, size, num_labels)
+        num_labels > 1
         and resized[0] >= height and resized[1] >= width
-        and size[0] >= valid[0] and size[1] >= valid[1]
         and sum(resized) > SMALL_MAP_EDGES and sum(size) > SMALL_MAP_EDGES
         and not upsampled.logits.is_contiguous(memory_format=torch.channels_last)
     )
 
 
 class _CoarseRuns:
-    """One axis of the two resizes (logits -> network input -> original size), both upsampling. The second
-    resize's cells (`cells`) are grouped into runs: consecutive cells whose input pixels all interpolate the
-    same range `low`..`high` of logits positions (at most `span` of them).
+    """One axis of the two resizes (logits -> network input -> original size), the first upsampling. The
+    second resize's cells (`cells`) are grouped into runs: consecutive cells whose input pixels all
+    interpolate the same range `low`..`high` of logits positions (at most `span` of them).
 
-    first_cell, run_cells, first_input, low, high: (runs,). run_of_cell: (cells,). source_*: the first
-    resize's (lower, upper, weights) of each input position.
+    first_cell, run_cells, first_input, run_inputs, low, high: (runs,): a run's cells, its input positions
+    `first_input` ... `first_input + run_inputs - 1`. offset_lower, offset_upper: (cells,) each cell's two
+    input positions from its run's first. run_of_cell: (cells,). source_*: the first resize's (lower,
+    upper, weights) of each input position.
     """
 
     def __init__(self, out_length: int, in_length: int, resized_length: int, logits_length: int, device):
-        self.cells = ResizeCells(out_length, in_length, device)
-        self.in_length = in_length
+        self.cells = cells = ResizeCells(out_length, in_length, device)
         lower, upper, weight = bilinear_source(resized_length, logits_length, device)
         self.source_lower, self.source_upper = lower[:in_length], upper[:in_length]
         self.source_weight_lower, self.source_weight_upper = (1 - weight)[:in_length], weight[:in_length]
-        low, high = self.source_lower[self.cells.cell_lower], self.source_upper[self.cells.cell_upper]
+        low, high = self.source_lower[cells.cell_lower], self.source_upper[cells.cell_upper]
         self.run_cells = torch.unique_consecutive(low * logits_length + high, return_counts=True)[1]
         self.first_cell = self.run_cells.cumsum(0) - self.run_cells
         self.low, self.high = low[self.first_cell], high[self.first_cell]
         self.span = int((self.high - self.low).max()) + 1
-        self.first_input = self.cells.cell_lower[self.first_cell]
         self.run_of_cell = torch.arange(len(self.run_cells), device=device).repeat_interleave(self.run_cells)
+        self.first_input = cells.cell_lower[self.first_cell]
+        self.run_inputs = cells.cell_upper[self.first_cell + self.run_cells - 1] - self.first_input + 1
+        self.offset_lower = cells.cell_lower - self.first_input[self.run_of_cell]
+        self.offset_upper = cells.cell_upper - self.first_input[self.run_of_cell]
 
     def range_reduce(self, values: torch.Tensor, dim: int, reduce) -> torch.Tensor:
         """`reduce` over each run's range of logits positions along `dim`: (..., logits_length, ...) -> (..., runs, ...)."""
@@ -315,22 +326,33 @@ def upsampled_argmax(upsampled: UpsampledLogits, size) -> torch.Tensor:
     candidates = run_max >= threshold.sub_(margin)  # (num_labels, row runs, column runs)
     contested = candidates.sum(dim=0) > 1
     cell_winner = winner.index_select(1, columns.run_of_cell).index_select(0, rows.run_of_cell)
-    # The contested runs grouped by shape (cells per row run x per column run), and their candidate pairs.
+    # The contested runs grouped by shape (cells and input positions per row run and per column run), and
+    # their candidate pairs.
     runs = contested.nonzero()
-    shape = rows.run_cells[runs[:, 0]] * (int(columns.run_cells.max()) + 1) + columns.run_cells[runs[:, 1]]
+    shape = torch.zeros(len(runs), dtype=torch.long, device=device)
+    base = max(int(rows.run_inputs.max()), int(columns.run_inputs.max())) + 1
+    for part in (rows.run_cells[runs[:, 0]], rows.run_inputs[runs[:, 0]], columns.run_cells[runs[:, 1]], columns.run_inputs[runs[:, 1]]):
+        shape = shape * base + part
     order = shape.argsort(stable=True)
     runs, shape = runs[order], shape[order]
     pair_run, klass = candidates[:, runs[:, 0], runs[:, 1]].t().nonzero().unbind(1)  # by run, classes ascending
-    run_bounds = torch.unique_consecutive(shape, return_counts=True)[1].cumsum(0)
-    pair_bounds = torch.searchsorted(pair_run, run_bounds).tolist()
+    group_ends = torch.unique_consecutive(shape, return_counts=True)[1].cumsum(0).tolist()
+    pair_starts = torch.searchsorted(pair_run, torch.arange(len(runs) + 1, device=device)).tolist()  # per run
     pairs = []
-    for first_run, last_run, first_pair, last_pair in zip(
-        [0, *run_bounds[:-1].tolist()], run_bounds.tolist(), [0, *pair_bounds[:-1]], pair_bounds
-    ):
-        pairs.append(_refine_runs(
-            logits, runs[first_run:last_run], pair_run[first_pair:last_pair] - first_run, klass[first_pair:last_pair],
-            rows, columns, margin, cell_winner,
-        ))
+    for group_start, group_end in zip([0, *group_ends[:-1]], group_ends):
+        # Runs of one shape, a chunk at a time: about `REFINE_CHUNK_ELEMENTS` input values.
+        run = int(runs[group_start, 0]), int(runs[group_start, 1])
+        per_pair = int(rows.run_inputs[run[0]]) * int(columns.run_inputs[run[1]])
+        limit = max(1, REFINE_CHUNK_ELEMENTS // per_pair)
+        first = group_start
+        while first < group_end:
+            last = max(first + 1, bisect.bisect_right(pair_starts, pair_starts[first] + limit, first, group_end + 1) - 1)
+            chunk_pairs = slice(pair_starts[first], pair_starts[last])
+            pairs.append(_refine_runs(
+                logits, runs[first:last], pair_run[chunk_pairs] - first, klass[chunk_pairs], rows, columns, margin,
+                cell_winner,
+            ))
+            first = last
     segmentation = cell_winner.index_select(1, columns.cells.cell_of).index_select(0, rows.cells.cell_of)
     if pairs:
         cell_row, cell_column, klass, *corners = (torch.cat(parts) for parts in zip(*pairs))
@@ -346,8 +368,18 @@ def _refine_runs(logits, runs, pair_run, klass, rows: _CoarseRuns, columns: _Coa
     device = logits.device
     row_run, column_run = runs[:, 0], runs[:, 1]
     values = _input_values(logits, klass, rows, row_run[pair_run], columns, column_run[pair_run])
-    run_rows, run_columns = values.shape[0] - 1, values.shape[1] - 1
-    corners = (values[:-1, :-1], values[:-1, 1:], values[1:, :-1], values[1:, 1:])  # (run rows, run columns, pairs)
+    run_rows, run_columns = int(rows.run_cells[row_run[0]]), int(columns.run_cells[column_run[0]])
+    # Each cell's four input values: (run rows, run columns, pairs) each.
+    row_cells, column_cells = rows.first_cell[row_run[pair_run]], columns.first_cell[column_run[pair_run]]
+    upper, lower = (
+        _select(values, 0, offsets[row_cells + torch.arange(run_rows, device=device)[:, None]])
+        for offsets in (rows.offset_lower, rows.offset_upper)
+    )
+    column_offsets = [
+        offsets[column_cells + torch.arange(run_columns, device=device)[:, None]]
+        for offsets in (columns.offset_lower, columns.offset_upper)
+    ]
+    corners = tuple(_select(half, 1, offsets) for half in (upper, lower) for offsets in column_offsets)
     cell_max = torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))
     cell_min = torch.minimum(torch.minimum(corners[0], corners[1]), torch.minimum(corners[2], corners[3]))
     # Reductions over each run's pairs: pairs first, (pairs, cells of the run).
@@ -371,15 +403,13 @@ def _refine_runs(logits, runs, pair_run, klass, rows: _CoarseRuns, columns: _Coa
 
 
 def _input_values(logits, klass, rows: _CoarseRuns, row_run, columns: _CoarseRuns, column_run) -> torch.Tensor:
-    """Each (run, class) pair's input-size values over its run's input pixels, with the first resize's
-    arithmetic: (pairs,) -> (run rows + 1, run columns + 1, pairs) float32."""
+    """Each (run, class) pair's input-size values over its run's input positions, with the first resize's
+    arithmetic: (pairs,) -> (run input rows, run input columns, pairs) float32."""
     device = logits.device
     num_labels, height, width = logits.shape
-    run_rows, run_columns = int(rows.run_cells[row_run[0]]), int(columns.run_cells[column_run[0]])
-    input_rows = (rows.first_input[row_run] + torch.arange(run_rows + 1, device=device)[:, None]).clamp_(max=rows.in_length - 1)
-    input_columns = (columns.first_input[column_run] + torch.arange(run_columns + 1, device=device)[:, None]).clamp_(
-        max=columns.in_length - 1
-    )
+    run_rows, run_columns = int(rows.run_inputs[row_run[0]]), int(columns.run_inputs[column_run[0]])
+    input_rows = rows.first_input[row_run] + torch.arange(run_rows, device=device)[:, None]
+    input_columns = columns.first_input[column_run] + torch.arange(run_columns, device=device)[:, None]
     low = rows.low[row_run]
     logits_rows = torch.minimum(low + torch.arange(rows.span, device=device)[:, None], rows.high[row_run])  # (span, pairs)
     row_base = (klass * (height * width) + logits_rows * width)[:, None, :]
@@ -390,18 +420,20 @@ def _input_values(logits, klass, rows: _CoarseRuns, row_run, columns: _CoarseRun
         flat.take(row_base + columns.source_upper[input_columns]),
         columns.source_weight_lower[input_columns],
         columns.source_weight_upper[input_columns],
-    )  # (span, run columns + 1, pairs)
+    )  # (span, run input columns, pairs)
     # ... then along the height.
-    upper, lower = (
-        _rows_of(horizontal, source[input_rows] - low) for source in (rows.source_lower, rows.source_upper)
-    )
+    upper, lower = (_select(horizontal, 0, source[input_rows] - low) for source in (rows.source_lower, rows.source_upper))
     return interpolate_pair(
         upper, lower, rows.source_weight_lower[input_rows][:, None, :], rows.source_weight_upper[input_rows][:, None, :]
     )
 
 
-def _rows_of(horizontal: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """(span, columns, pairs), (rows, pairs) offsets into the span -> (rows, columns, pairs)."""
-    if bool((offsets == offsets[:, :1]).all()):  # the same rows for every pair (as in regular runs)
-        return horizontal.index_select(0, offsets[:, 0])
-    return horizontal.gather(0, offsets[:, None, :].expand(-1, horizontal.shape[1], -1))
+def _select(values: torch.Tensor, dim: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Positions `offsets` (n, pairs) along `dim` (0 or 1) of (a, b, pairs) `values`, each pair its own:
+    -> (n, b, pairs) or (a, n, pairs). One `index_select` when every pair has the same offsets."""
+    if bool((offsets == offsets[:, :1]).all()):  # the same for every pair (as in regular runs)
+        return values.index_select(dim, offsets[:, 0])
+    shape = list(values.shape)
+    shape[dim] = offsets.shape[0]
+    index = offsets[:, None, :] if dim == 0 else offsets[None, :, :]
+    return values.gather(dim, index.expand(shape))

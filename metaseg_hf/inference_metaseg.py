@@ -15,6 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from .class_maps import (
+    BAND_ELEMENTS,
     UpsampledLogits,
     bilinear_source,
     materialize,
@@ -24,9 +25,6 @@ from .class_maps import (
     upsampled_argmax_applies,
 )
 
-# Elements (classes x rows x columns) per band when resizing logits to the original size: bounds
-# the peak memory of the final resize + softmax to about 64 MB per augmentation.
-BAND_ELEMENTS = 2**24
 # Sliding windows per forward pass in "slide" mode (the result does not depend on it).
 WINDOW_BATCH_SIZE = 4
 

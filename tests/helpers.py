@@ -65,11 +65,23 @@ STAGE_KEYS = [f"hidden_states.{index}" for index in range(4)]
 ATTENTION_KEYS = [f"decoder_attentions.stage{stage}" for stage in (2, 3, 4)]
 
 
+def _status_mb(key: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(key)) // 1024
+
+
 def peak_rss_mb() -> int:
     """This process's peak resident memory in MB: Linux's VmHWM, which starts afresh at exec. (`ru_maxrss`
     would not: Linux carries it across exec, so a child of a large pytest process reports pytest's RSS.)"""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) // 1024
+    return _status_mb("VmHWM:")
+
+
+def reset_peak_rss_mb() -> int:
+    """Resets VmHWM to the current resident memory and returns that, in MB: `peak_rss_mb()` minus it is then
+    the peak of what runs next above the loaded process (not hidden below an earlier, higher peak)."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    return _status_mb("VmRSS:")
 
 
 def run_reference_batch(model, batch, dtype):

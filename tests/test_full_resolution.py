@@ -93,6 +93,12 @@ TWO_STEP_CASES = {
     "two-classes": (lambda: torch.randn(2, 31, 29), (248, 232), None, (1000, 930)),
     "large-magnitudes": (lambda: torch.randn(6, 21, 17) * 1e4, (168, 136), None, (840, 680)),
     "one-logit-row": (lambda: torch.randn(5, 1, 40), (8, 320), None, (60, 1500)),
+    # The second resize keeps or shrinks: photos at or below the network input size.
+    "same-size": (lambda: torch.randn(19, 24, 32), (192, 256), None, (192, 256)),
+    "same-size-cropped": (lambda: torch.randn(7, 16, 16), (128, 128), (96, 128), (96, 128)),
+    "downsampling": (lambda: torch.randn(19, 24, 32) * 3, (192, 256), None, (150, 211)),
+    "down-and-up": (lambda: torch.randn(9, 24, 32), (192, 256), None, (700, 90)),
+    "one-pixel-wide": (lambda: torch.randn(5, 16, 20), (128, 160), None, (600, 2)),
 }
 
 
@@ -126,13 +132,14 @@ def test_interpolate_pair_is_the_kernel_arithmetic_bit_for_bit():
 
 
 def test_two_resizes_outside_the_pruned_path_are_done_in_full():
-    """Downsampling, one class, and maps PyTorch resizes with its other kernel: the map is still the official one."""
+    """One class, a first resize that shrinks, and maps PyTorch resizes with its other kernel: the map is still
+    the official one."""
     torch.manual_seed(0)
     cases = [
-        (torch.randn(7, 16, 20), (128, 160), (100, 90)),  # the second resize shrinks the width
         (torch.randn(1, 16, 20), (128, 160), (640, 800)),  # binary: the logit thresholded at 0
         (torch.randn(5, 6, 7), (48, 56), (300, 350)),  # input height + width <= 128
-        (torch.randn(5, 16, 20), (128, 160), (600, 2)),  # one pixel wide: not upsampling
+        (torch.randn(5, 16, 20), (128, 160), (60, 50)),  # original height + width <= 128
+        (torch.randn(5, 16, 20), (8, 10), (300, 350)),  # logits larger than the input: not upsampling
     ]
     for logits, input_size, size in cases:
         upsampled = UpsampledLogits(logits, input_size)
@@ -261,12 +268,12 @@ def test_post_processing_a_batch_holds_one_image_at_a_time():
         """
         import sys, torch
         sys.path.insert(0, "tests")
-        from helpers import peak_rss_mb
+        from helpers import peak_rss_mb, reset_peak_rss_mb
         from metaseg_hf import MetaSegImageProcessor
         processor = MetaSegImageProcessor()
         logits = torch.randn(8, 150, 32, 44)
         processor.post_process_semantic_segmentation(logits[:1], target_sizes=[(20, 30)], input_sizes=[(256, 352)])
-        before = peak_rss_mb()
+        before = reset_peak_rss_mb()
         maps = processor.post_process_semantic_segmentation(
             logits, target_sizes=[(300, 400)] * 8, input_sizes=[(256, 352)] * 8
         )
@@ -285,13 +292,13 @@ def test_12_megapixel_class_map_within_memory_bound():
         """
         import sys, torch
         sys.path.insert(0, "tests")
-        from helpers import peak_rss_mb
+        from helpers import peak_rss_mb, reset_peak_rss_mb
         from metaseg_hf import MetaSegImageProcessor
         torch.manual_seed(0)
         processor = MetaSegImageProcessor()
         logits = torch.randn(1, 150, 64, 88)
         processor.post_process_semantic_segmentation(logits, target_sizes=[(60, 80)], input_sizes=[(512, 704)])
-        before = peak_rss_mb()
+        before = reset_peak_rss_mb()
         segmentation = processor.post_process_semantic_segmentation(
             logits, target_sizes=[(3000, 4000)], input_sizes=[(512, 704)]
         )[0]
