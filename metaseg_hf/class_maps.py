@@ -27,6 +27,9 @@ from torch.nn import functional as F
 # per input pixel) at which the pruned argmax is used instead of the direct resize.
 ROUNDING_MARGIN = 16
 PRUNING_MIN_UPSAMPLING = 4
+# The least input-size map (classes x pixels) for which `upsampled_argmax` beats resizing it in full and
+# `resized_argmax`: below, the resize costs less than the bookkeeping.
+UPSAMPLED_MIN_ELEMENTS = 2**20
 # PyTorch resizes maps of height + width <= 128 with its channels-last kernel, whose rounding differs from
 # `interpolate_pair`'s: `upsampled_argmax` leaves such sizes to the direct resize.
 SMALL_MAP_EDGES = 128
@@ -265,6 +268,13 @@ def upsampled_argmax_applies(upsampled: UpsampledLogits, size) -> bool:
         and sum(resized) > SMALL_MAP_EDGES and sum(size) > SMALL_MAP_EDGES
         and not upsampled.logits.is_contiguous(memory_format=torch.channels_last)
     )
+
+
+def upsampled_argmax_pays(upsampled: UpsampledLogits, size) -> bool:
+    """Whether `logits_to_prediction` takes `upsampled_argmax`: where it applies and the input-size map
+    would hold at least `UPSAMPLED_MIN_ELEMENTS` values."""
+    valid = upsampled.valid_size
+    return upsampled.logits.shape[0] * valid[0] * valid[1] >= UPSAMPLED_MIN_ELEMENTS and upsampled_argmax_applies(upsampled, size)
 
 
 class _CoarseRuns:

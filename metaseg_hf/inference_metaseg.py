@@ -22,7 +22,7 @@ from .class_maps import (
     pruning_pays,
     resized_argmax,
     upsampled_argmax,
-    upsampled_argmax_applies,
+    upsampled_argmax_pays,
 )
 
 # Sliding windows per forward pass in "slide" mode (the result does not depend on it).
@@ -224,7 +224,7 @@ def logits_to_prediction(
     height, width = original_size
     if len(logit_maps) == 1 and not return_probabilities and probabilities_max != "full":
         only = logit_maps[0]
-        if isinstance(only, UpsampledLogits) and upsampled_argmax_applies(only, original_size):
+        if isinstance(only, UpsampledLogits) and upsampled_argmax_pays(only, original_size):
             segmentation = upsampled_argmax(only, original_size).cpu()
             logits = materialize(only) if probabilities_max == "input" else None
         else:

@@ -4,6 +4,7 @@ every public entry), binary models, single photos with `pad_size`, bounded memor
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -114,6 +115,39 @@ def test_class_map_from_stride_8_logits_is_the_two_resizes_argmax(case):
     assert torch.equal(upsampled_argmax(upsampled, size), expected)
     assert torch.equal(upsampled.materialize(), resized)
     assert_exact(logits_to_prediction([upsampled], size).segmentation, expected, resized, size)
+
+
+def test_public_entries_take_the_two_resize_path_and_give_the_official_map():
+    """19 classes at a 256x352 network input (1.7 M input-size values, enough for `upsampled_argmax`):
+    `segment`, `model.predict` and `post_process_semantic_segmentation` give the official map, for a photo
+    larger and one smaller than the network input."""
+    import metaseg_hf.inference_metaseg as inference
+
+    torch.manual_seed(0)
+    model = MetaSegForSemanticSegmentation(tiny_config(num_labels=19)).eval()
+    processor = MetaSegImageProcessor(size={"shortest_edge": 256, "longest_edge": 352})
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return upsampled_argmax(*args, **kwargs)
+
+    for height, width in ((900, 1234), (200, 270)):
+        image = (np.random.default_rng(height).random((height, width, 3)) * 255).astype(np.uint8)
+        pixel_values = processor(image, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            logits = model(pixel_values).logits
+        expected, _ = two_step_reference(logits[0], tuple(pixel_values.shape[-2:]), (height, width))
+        with mock.patch.object(inference, "upsampled_argmax", counted):
+            maps = [
+                processor.segment(model, image)[0].segmentation,
+                model.predict(pixel_values, original_sizes=[(height, width)])[0].segmentation,
+                processor.post_process_semantic_segmentation(logits, target_sizes=[(height, width)])[0],
+            ]
+        assert len(calls) == 3
+        calls.clear()
+        for segmentation in maps:
+            assert torch.equal(segmentation, expected)
 
 
 def test_interpolate_pair_is_the_kernel_arithmetic_bit_for_bit():
