@@ -306,12 +306,22 @@ class _CoarseRuns:
 
     def range_reduce(self, values: torch.Tensor, dim: int, reduce) -> torch.Tensor:
         """`reduce` over each run's range of logits positions along `dim`: (..., logits_length, ...) -> (..., runs, ...)."""
-        length = values.shape[dim]
-        windows = [values]  # windows[s]: `reduce` over s + 1 consecutive positions, at each first position
-        for size in range(1, self.span):
-            window = windows[-1].narrow(dim, 0, length - size)
-            windows.append(torch.cat([reduce(window, values.narrow(dim, size, length - size)), values.narrow(dim, 0, size)], dim))
-        return torch.cat(windows, dim).index_select(dim, (self.high - self.low) * length + self.low)
+        return _range_reduce(values, dim, self.low, self.high, reduce)
+
+
+def _range_reduce(values: torch.Tensor, dim: int, low: torch.Tensor, high: torch.Tensor, reduce) -> torch.Tensor:
+    """`reduce` over the positions `low[i]` ... `high[i]` along `dim`: (..., length, ...) -> (..., len(low), ...)."""
+    length, span = values.shape[dim], int((high - low).max()) + 1
+    if len(low) < length:  # fewer ranges than positions: gather each offset
+        result = values.index_select(dim, low)
+        for offset in range(1, span):
+            result = reduce(result, values.index_select(dim, torch.minimum(low + offset, high)))
+        return result
+    windows = [values]  # windows[s]: `reduce` over s + 1 consecutive positions, at each first position
+    for size in range(1, span):
+        window = windows[-1].narrow(dim, 0, length - size)
+        windows.append(torch.cat([reduce(window, values.narrow(dim, size, length - size)), values.narrow(dim, 0, size)], dim))
+    return torch.cat(windows, dim).index_select(dim, (high - low) * length + low)
 
 
 @torch.no_grad()
@@ -447,3 +457,177 @@ def _select(values: torch.Tensor, dim: int, offsets: torch.Tensor) -> torch.Tens
     shape[dim] = offsets.shape[0]
     index = offsets[:, None, :] if dim == 0 else offsets[None, :, :]
     return values.gather(dim, index.expand(shape))
+
+
+# ---------------------------------------------------------------------------- test-time augmentation
+
+# `augmented_argmax`: its output tiles (pixels a side), its slack in log-probability beyond float rounding
+# (the full computation's own softmax and sums round within about 1e-5), and the undecided pixels computed
+# in full at once (x classes x maps: bounds their memory).
+AUGMENTED_TILE = 8
+AUGMENTED_LOG_MARGIN = 1e-4
+AUGMENTED_EXACT_PIXELS = 2**15
+# The least output (pixels x classes x maps) for which `logits_to_prediction` takes `augmented_argmax`.
+AUGMENTED_MIN_ELEMENTS = 2**24
+
+
+def augmented_argmax_pays(logit_maps: list, size) -> bool:
+    """Whether `logits_to_prediction` takes `augmented_argmax` for these input-size maps: several maps of
+    several classes and a large output (at least `AUGMENTED_MIN_ELEMENTS` resized values in all)."""
+    num_labels = logit_maps[0].shape[0]
+    return len(logit_maps) > 1 and num_labels > 1 and size[0] * size[1] * num_labels * len(logit_maps) >= AUGMENTED_MIN_ELEMENTS
+
+
+class _AugmentedMap:
+    """One augmentation's input-size logits (num_labels, h, w), resized to the output size, with what bounds
+    its softmax: the log-sum-exp over classes at each input pixel (`lse`) and, per cell of four input
+    pixels, how far the log-sum-exp of an interpolated pixel can fall below the interpolation of `lse`
+    (`curvature`: the log-sum-exp is convex and its second derivative along a step d is the variance of d
+    under the softmax, at most range(d)^2 / 4, so each linear interpolation overestimates it by at most
+    range(d)^2 / 32, d a step between the cell's pixels: (range(dh)^2 + range(dv)^2) / 32)."""
+
+    def __init__(self, logits: torch.Tensor, size):
+        self.logits = logits.float().contiguous()
+        num_labels, height, width = self.logits.shape
+        device = self.logits.device
+        self.rows = bilinear_source(int(size[0]), height, device)
+        self.columns = bilinear_source(int(size[1]), width, device)
+        self.lse = torch.logsumexp(self.logits, dim=0)
+        across, down = (torch.aminmax(self.logits.diff(dim=dim), dim=0) for dim in (2, 1))
+        across, down = ((step.max - step.min).square_() for step in (across, down))  # (h, w - 1), (h - 1, w)
+        curvature = torch.zeros(height, width, device=device)
+        if width > 1:
+            across = torch.maximum(across, torch.cat([across[1:], across[-1:]]))  # the cell's two rows
+            curvature[:, :-1] += across
+            curvature[:, -1] += across[:, -1]
+        if height > 1:
+            down = torch.maximum(down, torch.cat([down[:, 1:], down[:, -1:]], dim=1))  # the cell's two columns
+            curvature[:-1] += down
+            curvature[-1] += down[-1]
+        self.curvature = curvature.div_(32)
+        scale = float(self.logits.abs().max()) + float(self.lse.abs().max()) + 1.0
+        self.margin = AUGMENTED_LOG_MARGIN + 64 * torch.finfo(torch.float32).eps * scale
+
+    def tile_bounds(self, tile_rows, tile_columns):
+        """Over each tile's input pixels: (num_labels, tiles) largest and smallest logits, and (tiles,) the
+        least log-sum-exp less the curvature and margin, and the largest plus the margin."""
+        (row_low, row_high), (column_low, column_high) = (
+            (source[0][first], source[1][last]) for source, (first, last) in ((self.rows, tile_rows), (self.columns, tile_columns))
+        )
+        first, last = int(row_low[0]), int(row_high[-1])
+        row_low, row_high = row_low - first, row_high - first
+
+        def window(values, reduce):
+            values = _range_reduce(values[..., first : last + 1, :], values.dim() - 2, row_low, row_high, reduce)
+            return _range_reduce(values, values.dim() - 1, column_low, column_high, reduce)
+
+        least = window(self.lse, torch.minimum) - window(self.curvature, torch.maximum) - self.margin
+        return window(self.logits, torch.maximum), window(self.logits, torch.minimum), least, window(self.lse, torch.maximum) + self.margin
+
+    def interpolate(self, values: torch.Tensor, klass, rows, columns) -> torch.Tensor:
+        """values (num_labels or 1, h, w) resized at output pixels (rows x columns), bit for bit as the full
+        resize: klass, rows, columns broadcast together (classes None: `values` has one channel)."""
+        height, width = values.shape[1:]
+        (top, bottom, row_weight), (left, right, column_weight) = (
+            tuple(part[index] for part in source) for source, index in ((self.rows, rows), (self.columns, columns))
+        )
+        flat = values.reshape(-1)
+        base = 0 if klass is None else klass * (height * width)
+        upper = interpolate_pair(flat.take(base + top * width + left), flat.take(base + top * width + right), 1 - column_weight, column_weight)
+        lower = interpolate_pair(flat.take(base + bottom * width + left), flat.take(base + bottom * width + right), 1 - column_weight, column_weight)
+        return interpolate_pair(upper, lower, 1 - row_weight, row_weight)
+
+
+@torch.no_grad()
+def augmented_argmax(logit_maps: list, size) -> torch.Tensor:
+    """The class map of test-time augmentation: the argmax over classes of the mean over maps of the softmax
+    of each (num_labels, h_m, w_m) input-size map resized to `size` (bilinear, align_corners=False), as the
+    full computation (`logits_to_prediction`'s bands) gives it, without the softmax of every class at every
+    pixel. -> (height, width) int64.
+
+    A map's softmax at an output pixel is exp(logit - log-sum-exp); the log-sum-exp lies between the
+    interpolation of the per-pixel log-sum-exp and that less the curvature term (`_AugmentedMap`). Per tile
+    of output pixels, these bounds leave a few candidate classes (their largest and smallest logits over the
+    tile's input pixels); inside contested tiles the candidates' values are interpolated per pixel, and a
+    pixel whose best lower bound does not clear every other candidate's upper bound (a tie within the
+    bounds' slack) is computed in full, every class, as the full computation does.
+    """
+    height, width = int(size[0]), int(size[1])
+    maps = [_AugmentedMap(logits, size) for logits in logit_maps]
+    num_labels, device = maps[0].logits.shape[0], maps[0].logits.device
+    tile = AUGMENTED_TILE
+    column_tiles = torch.arange(0, width, tile, device=device)
+    tile_columns = (column_tiles, (column_tiles + tile - 1).clamp(max=width - 1))
+    segmentation = torch.empty(height, width, dtype=torch.long, device=device)
+    band_tiles = max(1, BAND_ELEMENTS // (num_labels * len(column_tiles)))
+    for first_row in range(0, height, band_tiles * tile):
+        row_tiles = torch.arange(first_row, min(first_row + band_tiles * tile, height), tile, device=device)
+        tile_rows = (row_tiles, (row_tiles + tile - 1).clamp(max=height - 1))
+        upper_sum = lower_sum = 0
+        for augmented in maps:
+            largest, smallest, least_lse, most_lse = augmented.tile_bounds(tile_rows, tile_columns)
+            upper_sum = upper_sum + (largest - least_lse).exp_()
+            lower_sum = lower_sum + (smallest - most_lse).exp_()
+        threshold, winner = lower_sum.max(dim=0)  # (row tiles, column tiles)
+        candidates = upper_sum >= threshold
+        band = segmentation[first_row : first_row + len(row_tiles) * tile]
+        pixel_rows = torch.arange(band.shape[0], device=device) // tile
+        band.copy_(winner.index_select(1, torch.arange(width, device=device) // tile).index_select(0, pixel_rows))
+        contested = (candidates.sum(dim=0) > 1).flatten().nonzero().squeeze(1)
+        if len(contested):
+            pair_tile, klass = candidates.flatten(1)[:, contested].t().nonzero().unbind(1)
+            _resolve_augmented_tiles(maps, band, first_row, contested[pair_tile], klass, len(column_tiles), width)
+    return segmentation
+
+
+def _resolve_augmented_tiles(maps, band, first_row, tile, klass, column_tiles, width):
+    """Writes into `band` (rows `first_row`...) the class of every pixel of the contested tiles: from the
+    candidates' per-pixel bounds where one clears the others, else computed in full. tile, klass: (pairs,)
+    candidate pairs (tile index within the band, class), grouped by tile."""
+    device, size = band.device, AUGMENTED_TILE
+    offsets = torch.arange(size, device=device)
+    rows = first_row + (tile // column_tiles)[:, None] * size + offsets  # (pairs, tile rows)
+    columns = (tile % column_tiles)[:, None] * size + offsets
+    valid_rows, valid_columns = rows < first_row + band.shape[0], columns < width
+    rows, columns = torch.where(valid_rows, rows, rows[:, :1]), torch.where(valid_columns, columns, columns[:, :1])
+    rows, columns = rows[:, :, None], columns[:, None, :]  # (pairs, size, 1), (pairs, 1, size)
+    lower = upper = 0
+    for augmented in maps:
+        logit = augmented.interpolate(augmented.logits, klass[:, None, None], rows, columns)
+        lse = augmented.interpolate(augmented.lse[None], None, rows, columns)
+        curvature = augmented.curvature[augmented.rows[0][rows], augmented.columns[0][columns]]
+        lower = lower + (logit - lse - augmented.margin).exp_()
+        upper = upper + (logit - lse + curvature + augmented.margin).exp_()
+    # Per tile pixel: the best lower bound, and the best upper bound of the other candidates. (pairs, pixels)
+    lower, upper = lower.flatten(1), upper.flatten(1)
+    tiles, pair_tile = torch.unique_consecutive(tile, return_inverse=True)
+    index = pair_tile[:, None].expand_as(lower)
+    best = lower.new_full((len(tiles), lower.shape[1]), -torch.inf).scatter_reduce_(0, index, lower, "amax")
+    is_best = lower == best.index_select(0, pair_tile)
+    holders = torch.zeros(best.shape, dtype=torch.long, device=device).scatter_add_(0, index, is_best.long())
+    winner = torch.zeros(best.shape, dtype=torch.long, device=device).scatter_add_(0, index, is_best * klass[:, None])
+    others = upper.masked_fill(is_best, -torch.inf)
+    rival = upper.new_full(best.shape, -torch.inf).scatter_reduce_(0, index, others, "amax")
+    decided = (holders == 1) & (best > rival)
+    first_pair = torch.searchsorted(pair_tile, torch.arange(len(tiles), device=device))
+    pixel_rows, pixel_columns = rows[first_pair].expand(-1, -1, size).flatten(1), columns[first_pair].expand(-1, size, -1).flatten(1)
+    inside = (valid_rows[first_pair][:, :, None] & valid_columns[first_pair][:, None, :]).flatten(1)
+    band[pixel_rows[decided & inside] - first_row, pixel_columns[decided & inside]] = winner[decided & inside]
+    undecided = ~decided & inside
+    _augmented_in_full(maps, band, first_row, pixel_rows[undecided], pixel_columns[undecided])
+
+
+def _augmented_in_full(maps, band, first_row, rows, columns):
+    """The class of pixels (rows, columns) as the full computation has it: every class of every map resized,
+    soft-maxed, summed in order and divided by the number of maps, then the first maximum."""
+    num_labels = maps[0].logits.shape[0]
+    classes = torch.arange(num_labels, device=band.device)[:, None]
+    for start in range(0, len(rows), AUGMENTED_EXACT_PIXELS):
+        pixel_rows, pixel_columns = rows[start : start + AUGMENTED_EXACT_PIXELS], columns[start : start + AUGMENTED_EXACT_PIXELS]
+        probabilities = None
+        for augmented in maps:
+            resized = augmented.interpolate(augmented.logits, classes, pixel_rows, pixel_columns)  # (num_labels, pixels)
+            resized = resized.softmax(dim=0)
+            probabilities = resized if probabilities is None else probabilities.add_(resized)
+        probabilities.div_(len(maps))
+        band[pixel_rows - first_row, pixel_columns] = probabilities.max(dim=0)[1]

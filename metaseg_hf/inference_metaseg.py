@@ -17,6 +17,8 @@ from torch.nn import functional as F
 from .class_maps import (
     BAND_ELEMENTS,
     UpsampledLogits,
+    augmented_argmax,
+    augmented_argmax_pays,
     bilinear_source,
     materialize,
     pruning_pays,
@@ -236,6 +238,13 @@ def logits_to_prediction(
         return SegmentationPrediction(segmentation, confidence)
     logit_maps = [materialize(logit_map) for logit_map in logit_maps]
     num_labels = logit_maps[0].shape[0]
+    if not return_probabilities and probabilities_max != "full" and augmented_argmax_pays(logit_maps, original_size):
+        segmentation = augmented_argmax(logit_maps, original_size).cpu()
+        confidence = None
+        if probabilities_max == "input":  # the maps' own winning probabilities at their input sizes, averaged
+            confidence = sum(_input_resolution_confidence(logits, original_size, band_elements) for logits in logit_maps)
+            confidence /= len(logit_maps)
+        return SegmentationPrediction(segmentation, confidence)
     segmentation = torch.empty(height, width, dtype=torch.long)
     confidence = torch.empty(height, width)
     probabilities = torch.empty(num_labels, height, width) if return_probabilities else None

@@ -15,6 +15,8 @@ from helpers import REPO_ROOT, tiny_config
 from metaseg_hf import MetaSegForSemanticSegmentation, MetaSegImageProcessor
 from metaseg_hf.class_maps import (
     UpsampledLogits,
+    augmented_argmax,
+    augmented_argmax_pays,
     bilinear_source,
     interpolate_pair,
     resized_argmax,
@@ -148,6 +150,59 @@ def test_public_entries_take_the_two_resize_path_and_give_the_official_map():
         calls.clear()
         for segmentation in maps:
             assert torch.equal(segmentation, expected)
+
+
+def smooth_logits(num_labels, height, width, input_size, scale=3.0):
+    """Input-size logits as a network gives them: random stride-8 values resized to the input size."""
+    return F.interpolate(torch.randn(1, num_labels, height, width) * scale, size=input_size, mode="bilinear", align_corners=False)[0]
+
+
+AUGMENTED_CASES = {
+    # name: (maps, original size)
+    "flip": (lambda: [smooth_logits(19, 16, 20, (128, 160)), smooth_logits(19, 16, 20, (128, 160))], (600, 700)),
+    "scales": (lambda: [smooth_logits(7, 16, 20, (128, 160)), smooth_logits(7, 8, 10, (64, 80)), smooth_logits(7, 24, 30, (192, 240))], (500, 650)),
+    "flat-150-classes": (lambda: [smooth_logits(150, 16, 22, (128, 176), 0.3) for _ in range(2)], (700, 900)),
+    "downsampling": (lambda: [smooth_logits(9, 32, 40, (256, 320)) for _ in range(2)], (150, 170)),
+    "near-ties": (lambda: [torch.randn(1, 40, 50).repeat(5, 1, 1) + torch.randn(5, 1, 1) * 1e-6, torch.randn(1, 40, 50).repeat(5, 1, 1)], (300, 370)),
+    "exact-ties": (lambda: [torch.randn(1, 40, 50).repeat(4, 1, 1)] * 2, (300, 370)),
+    "constant-map": (lambda: [torch.ones(5, 30, 40) * torch.arange(5.0)[:, None, None]] * 3, (240, 320)),
+}
+
+
+@pytest.mark.parametrize("case", AUGMENTED_CASES, ids=list(AUGMENTED_CASES))
+def test_augmented_class_map_is_the_mean_softmax_argmax(case):
+    """`augmented_argmax` against the full computation (every class resized and soft-maxed, band by band)."""
+    torch.manual_seed(0)
+    make, size = AUGMENTED_CASES[case]
+    maps = make()
+    expected = logits_to_prediction(maps, size, probabilities_max="full")
+    assert torch.equal(augmented_argmax(maps, size), expected.segmentation)
+    if augmented_argmax_pays(maps, size):
+        cheap = logits_to_prediction(maps, size, probabilities_max="input")
+        assert torch.equal(cheap.segmentation, expected.segmentation)
+        assert cheap.probabilities_max.shape == size
+        assert abs(cheap.probabilities_max.mean().item() - expected.probabilities_max.mean().item()) < 0.05
+
+
+def test_flip_and_scales_through_segment_take_the_pruned_path():
+    torch.manual_seed(0)
+    model = MetaSegForSemanticSegmentation(tiny_config(num_labels=19)).eval()
+    processor = MetaSegImageProcessor(size={"shortest_edge": 128, "longest_edge": 176})
+    image = (np.random.default_rng(3).random((900, 1200, 3)) * 255).astype(np.uint8)
+    import metaseg_hf.inference_metaseg as inference
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return augmented_argmax(*args, **kwargs)
+
+    for options in ({"flip": True}, {"flip": True, "scales": (0.75, 1.0)}):
+        full = processor.segment(model, image, probabilities_max="full", **options)[0].segmentation
+        with mock.patch.object(inference, "augmented_argmax", counted):
+            pruned = processor.segment(model, image, **options)[0].segmentation
+        assert calls and torch.equal(pruned, full)
+        calls.clear()
 
 
 def test_interpolate_pair_is_the_kernel_arithmetic_bit_for_bit():
