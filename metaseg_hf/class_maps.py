@@ -7,7 +7,9 @@ the same argmax from a small part of them:
 
 - `resized_argmax`: one resize (input-size logits, e.g. averaged sliding windows, to the photo's size);
 - `upsampled_argmax`: both resizes, from the stride-8 logits (`UpsampledLogits`), as whole-mode inference
-  and `post_process_semantic_segmentation` have them.
+  and `post_process_semantic_segmentation` have them;
+- `augmented_argmax`: test-time augmentation, the argmax of the maps' mean softmax (bounded through each
+  map's log-sum-exp, see `_AugmentedMap`).
 
 Every resized value is a convex combination of the values it interpolates, so a class can only win in a
 region where its largest source value reaches the largest of the classes' smallest source values (less a
@@ -271,10 +273,15 @@ def upsampled_argmax_applies(upsampled: UpsampledLogits, size) -> bool:
 
 
 def upsampled_argmax_pays(upsampled: UpsampledLogits, size) -> bool:
-    """Whether `logits_to_prediction` takes `upsampled_argmax`: where it applies and the input-size map
-    would hold at least `UPSAMPLED_MIN_ELEMENTS` values."""
+    """Whether `logits_to_prediction` takes `upsampled_argmax`: where it applies, the input-size map would
+    hold at least `UPSAMPLED_MIN_ELEMENTS` values, and the logits are finite (the bounds' arithmetic; the
+    full resize handles infinities and NaN as PyTorch does)."""
     valid = upsampled.valid_size
-    return upsampled.logits.shape[0] * valid[0] * valid[1] >= UPSAMPLED_MIN_ELEMENTS and upsampled_argmax_applies(upsampled, size)
+    return (
+        upsampled.logits.shape[0] * valid[0] * valid[1] >= UPSAMPLED_MIN_ELEMENTS
+        and upsampled_argmax_applies(upsampled, size)
+        and bool(torch.isfinite(upsampled.logits).all())
+    )
 
 
 class _CoarseRuns:
@@ -473,9 +480,14 @@ AUGMENTED_MIN_ELEMENTS = 2**24
 
 def augmented_argmax_pays(logit_maps: list, size) -> bool:
     """Whether `logits_to_prediction` takes `augmented_argmax` for these input-size maps: several maps of
-    several classes and a large output (at least `AUGMENTED_MIN_ELEMENTS` resized values in all)."""
+    several classes, a large output (at least `AUGMENTED_MIN_ELEMENTS` resized values in all) and finite
+    logits."""
     num_labels = logit_maps[0].shape[0]
-    return len(logit_maps) > 1 and num_labels > 1 and size[0] * size[1] * num_labels * len(logit_maps) >= AUGMENTED_MIN_ELEMENTS
+    return (
+        len(logit_maps) > 1 and num_labels > 1
+        and size[0] * size[1] * num_labels * len(logit_maps) >= AUGMENTED_MIN_ELEMENTS
+        and all(bool(torch.isfinite(logits).all()) for logits in logit_maps)
+    )
 
 
 class _AugmentedMap:

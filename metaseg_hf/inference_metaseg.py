@@ -186,9 +186,9 @@ def _input_resolution_confidence(logits: torch.Tensor, original_size, band_eleme
 
 def _class_map_of_one(logits: torch.Tensor, size, band_elements: int) -> torch.Tensor:
     """The class map of one input-size logit map resized to `size`: pruned (`resized_argmax`) when
-    upsampling, else resized band by band. (num_labels, h, w) -> (height, width) int64 on the CPU."""
+    upsampling finite logits, else resized band by band. (num_labels, h, w) -> (height, width) int64 on the CPU."""
     num_labels = logits.shape[0]
-    if pruning_pays(logits.shape[1:], size, num_labels):
+    if pruning_pays(logits.shape[1:], size, num_labels) and bool(torch.isfinite(logits).all()):
         return resized_argmax(logits, size, band_elements).cpu()
     height, width = size
     segmentation = torch.empty(height, width, dtype=torch.long)
@@ -213,13 +213,16 @@ def logits_to_prediction(
     input size: the official two resizes).
 
     The class map is exact: with one map it is `upsampled_argmax` or `resized_argmax` (the full resize's
-    argmax without resizing every class at every pixel); otherwise the maps are resized, softmaxed and
-    reduced band by band.
+    argmax without resizing every class at every pixel), with several `augmented_argmax` (for large outputs;
+    the argmax of the mean softmax without the softmax of every class at every pixel); otherwise, and for
+    probabilities, the maps are resized, softmaxed and reduced band by band.
     probabilities_max: None (default, `probabilities_max` is None: the class map alone costs the least),
     "full" (the winning probability at every pixel of the original size, exact; costs the softmax of every
     class at every pixel), or "input" (the winning probability at the network input resolution, i.e. at the
     logits' own size, resized bilinearly to the original size: a cheap confidence map for display and
-    averages). Several maps (TTA) or `return_probabilities` give the exact "full" map whatever is asked.
+    averages; with several maps (TTA), their own winning probabilities at their input sizes, averaged).
+    `return_probabilities`, or several maps too small for `augmented_argmax`, give the exact "full" map
+    whatever is asked.
     """
     if probabilities_max not in PROBABILITIES_MAX_CHOICES:
         raise ValueError(f"probabilities_max must be one of {PROBABILITIES_MAX_CHOICES}, got {probabilities_max!r}")

@@ -22,6 +22,7 @@ from metaseg_hf.class_maps import (
     resized_argmax,
     upsampled_argmax,
     upsampled_argmax_applies,
+    upsampled_argmax_pays,
 )
 from metaseg_hf.inference_metaseg import logits_to_prediction, predict, resize_logits, segment
 
@@ -182,6 +183,23 @@ def test_augmented_class_map_is_the_mean_softmax_argmax(case):
         assert torch.equal(cheap.segmentation, expected.segmentation)
         assert cheap.probabilities_max.shape == size
         assert abs(cheap.probabilities_max.mean().item() - expected.probabilities_max.mean().item()) < 0.05
+
+
+def test_non_finite_logits_take_the_full_computation():
+    """A class masked with -inf is outside the bounds' arithmetic: the maps are resized in full, band by band."""
+    torch.manual_seed(0)
+    logits = torch.randn(19, 32, 40)
+    logits[3, :10] = -torch.inf
+    upsampled = UpsampledLogits(logits, (256, 320))
+    size = (1000, 1250)
+    assert upsampled_argmax_applies(upsampled, size) and not upsampled_argmax_pays(upsampled, size)
+    resized = upsampled.materialize()
+    expected = resize_logits(resized, size).argmax(0)
+    assert torch.equal(logits_to_prediction([upsampled], size).segmentation, expected)
+    maps = [resized, resized.flip(-1)]
+    assert not augmented_argmax_pays(maps, size)
+    full = logits_to_prediction(maps, size, probabilities_max="full")
+    assert torch.equal(logits_to_prediction(maps, size).segmentation, full.segmentation)
 
 
 def test_flip_and_scales_through_segment_take_the_pruned_path():
