@@ -603,16 +603,20 @@ def _resolve_augmented_tiles(maps, band, first_row, tile, klass, column_tiles, w
     valid_rows, valid_columns = rows < first_row + band.shape[0], columns < width
     rows, columns = torch.where(valid_rows, rows, rows[:, :1]), torch.where(valid_columns, columns, columns[:, :1])
     rows, columns = rows[:, :, None], columns[:, None, :]  # (pairs, size, 1), (pairs, 1, size)
+    tiles, pair_tile = torch.unique_consecutive(tile, return_inverse=True)
+    first_pair = torch.searchsorted(pair_tile, torch.arange(len(tiles), device=device))
+    tile_rows, tile_columns = rows[first_pair], columns[first_pair]
     lower = upper = 0
     for augmented in maps:
         logit = augmented.interpolate(augmented.logits, klass[:, None, None], rows, columns)
-        lse = augmented.interpolate(augmented.lse[None], None, rows, columns)
-        curvature = augmented.curvature[augmented.rows[0][rows], augmented.columns[0][columns]]
+        # The log-sum-exp and its curvature term are the pixel's, whatever the class: once per tile.
+        lse = augmented.interpolate(augmented.lse[None], None, tile_rows, tile_columns).index_select(0, pair_tile)
+        curvature = augmented.curvature[augmented.rows[0][tile_rows], augmented.columns[0][tile_columns]]
+        curvature = curvature.index_select(0, pair_tile)
         lower = lower + (logit - lse - augmented.margin).exp_()
         upper = upper + (logit - lse + curvature + augmented.margin).exp_()
     # Per tile pixel: the best lower bound, and the best upper bound of the other candidates. (pairs, pixels)
     lower, upper = lower.flatten(1), upper.flatten(1)
-    tiles, pair_tile = torch.unique_consecutive(tile, return_inverse=True)
     index = pair_tile[:, None].expand_as(lower)
     best = lower.new_full((len(tiles), lower.shape[1]), -torch.inf).scatter_reduce_(0, index, lower, "amax")
     is_best = lower == best.index_select(0, pair_tile)
@@ -621,8 +625,7 @@ def _resolve_augmented_tiles(maps, band, first_row, tile, klass, column_tiles, w
     others = upper.masked_fill(is_best, -torch.inf)
     rival = upper.new_full(best.shape, -torch.inf).scatter_reduce_(0, index, others, "amax")
     decided = (holders == 1) & (best > rival)
-    first_pair = torch.searchsorted(pair_tile, torch.arange(len(tiles), device=device))
-    pixel_rows, pixel_columns = rows[first_pair].expand(-1, -1, size).flatten(1), columns[first_pair].expand(-1, size, -1).flatten(1)
+    pixel_rows, pixel_columns = tile_rows.expand(-1, -1, size).flatten(1), tile_columns.expand(-1, size, -1).flatten(1)
     inside = (valid_rows[first_pair][:, :, None] & valid_columns[first_pair][:, None, :]).flatten(1)
     band[pixel_rows[decided & inside] - first_row, pixel_columns[decided & inside]] = winner[decided & inside]
     undecided = ~decided & inside
