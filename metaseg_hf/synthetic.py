@@ -222,4 +222,3 @@ __all__ = [
     "synthetic_images",
     "synthetic_scenes",
 ]
-
