@@ -36,12 +36,13 @@ FAMILY = "metaseg-t"
 RECIPE = "int8 (recipe)"
 # Each variant changes one thing of INT8_RECIPE (`metaseg_hf.onnx_metaseg`), or names a combination.
 VARIANTS = {
-    "int8 stem": {"float_parts": ()},
-    "+ float32 GELU (exact)": {"float_parts": ("stem", "gelu")},
-    "+ float32 classifier": {"float_parts": ("stem", "classifier")},
-    "+ float32 decoder norms": {"float_parts": ("stem", "decoder_norms")},
-    "+ float32 MSCA spatial": {"float_parts": ("stem", "attention_spatial")},
-    "+ float32 depthwise": {"float_parts": ("stem", "depthwise")},
+    "int8 stem": {"float_parts": ("decoder_attention",)},
+    "float32 stem, both convolutions": {"float_parts": ("stem", "decoder_attention")},
+    "int8 decoder attention": {"float_parts": ("stem_input",)},
+    "+ float32 GELU (exact)": {"float_parts": ("stem_input", "decoder_attention", "gelu")},
+    "+ float32 classifier": {"float_parts": ("stem_input", "decoder_attention", "classifier")},
+    "+ float32 MSCA spatial": {"float_parts": ("stem_input", "decoder_attention", "attention_spatial")},
+    "+ float32 depthwise": {"float_parts": ("stem_input", "decoder_attention", "depthwise")},
     "per-channel weights": {"per_channel": True},
     "QOperator": {"quant_format": "qoperator"},
     "s8 activations": {"activation_type": "int8"},

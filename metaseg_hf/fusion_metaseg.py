@@ -13,9 +13,15 @@ What is folded, and why it is exact in real arithmetic (float32 results move by 
   that convolution's weight (`W * s` over input channels) and bias (`W @ t + b`); after one, into
   its output channels (stem, patch embeddings, decoder `linear_fuse`).
 - MSCAN block, attention half: `norm1(x)` feeds `proj_in` (folded) and is also the shortcut, so
-  `x + ls1 * (proj_out(g) + s1 * x + t1)` becomes `(1 + ls1 * s1) * x + proj_out'(g)` where
-  `proj_out'` has `ls1` folded into its rows and `ls1 * t1` into its bias: one `addcmul`.
+  `x + ls1 * (proj_out(g) + s1 * x + t1)` is `c * x + proj_out'(g)` with `c = 1 + ls1 * s1` and
+  `proj_out'` holding `ls1` in its rows and `ls1 * t1` in its bias.
 - MSCAN block, MLP half: `norm2` folds into `fc1`, `layer_scale_2` into `fc2`.
+- MSCAN stage: the per-channel `c` of each block is not multiplied in. The residual stream is carried as
+  `x / d_k` before block k (`residual_stream_scales`: `d_k = d_(k+1) / c_k`, 1 after the last block),
+  `d_k` folded into the input columns of `proj_in` and `fc1`, `1 / d_(k+1)` into the rows of `proj_out`
+  and `fc2`, `1 / d_0` into the patch embedding: each half of a block is a plain residual addition, and
+  the stage's output (before its LayerNorm) is `x` itself. No per-channel multiply of the stream is left
+  (in an int8 export, one integer operator fewer per block, and ONNX Runtime keeps the stream channels-last).
 - Decoder: `linear_fuse` on the concatenation of upsampled maps is the sum of its column blocks
   applied to each map; a 1x1 convolution commutes with bilinear resizing (its weights sum to 1),
   so each block is applied at the map's own, lower resolution and the narrow result is resized.
@@ -55,6 +61,17 @@ def matrix(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A 1x1 convolution's or a linear layer's weight as an (O, I) matrix and its bias, float64."""
     weight = layer.weight.double()
     return weight.reshape(weight.shape[0], -1), None if layer.bias is None else layer.bias.double()
+
+
+def residual_stream_scales(residual_scales: list[torch.Tensor], channels: int, device=None) -> list[torch.Tensor]:
+    """The per-channel scales d_0 .. d_n (float64, (C,)) by which a fused MSCAN stage of n blocks divides its
+    residual stream before each block and after the last: d_n = 1 and d_k = d_(k+1) / c_k, where c_k
+    (`MetaSegMscanBlock.residual_scale`) is what block k's attention half multiplies its input by. Carried as
+    x / d_k, block k's input scaling c_k is absorbed (x_(k+1) / d_(k+1) = x_k / d_k + ...)."""
+    scales = [torch.ones(channels, dtype=torch.float64, device=device)]
+    for residual_scale in reversed(residual_scales):
+        scales.insert(0, scales[0] / residual_scale)
+    return scales
 
 
 def check_inference(module: nn.Module) -> None:
@@ -104,8 +121,10 @@ class FoldedConv(FoldedTensors):
         self.activation = activation
 
     @classmethod
-    def with_batch_norm(cls, conv: nn.Conv2d, batch_norm: nn.BatchNorm2d, activation=None) -> "FoldedConv":
-        """BN(conv(x)) as one convolution (PyTorch's `fuse_conv_bn_weights`, in float64)."""
+    def with_batch_norm(cls, conv: nn.Conv2d, batch_norm: nn.BatchNorm2d, activation=None,
+                        output_scale: torch.Tensor | None = None) -> "FoldedConv":
+        """BN(conv(x)) as one convolution (PyTorch's `fuse_conv_bn_weights`, in float64), times `output_scale`
+        (O,), float64, when given (before the activation)."""
         def float64(tensor):
             return None if tensor is None else tensor.detach().double()
 
@@ -113,6 +132,8 @@ class FoldedConv(FoldedTensors):
             float64(conv.weight), float64(conv.bias), float64(batch_norm.running_mean),
             float64(batch_norm.running_var), batch_norm.eps, float64(batch_norm.weight), float64(batch_norm.bias),
         )
+        if output_scale is not None:
+            weight, bias = weight * output_scale[:, None, None, None], bias * output_scale
         return cls(conv, weight, bias, activation)
 
     @classmethod

@@ -5,9 +5,9 @@ attention -> MSCAN block -> stage -> encoder; Channel Reduction Attention -> Glo
 decode head -> task models.
 
 `model.fuse()` switches a model to its inference-only deploy form: the modules that own a `fuse()`
-(stem, patch embeddings, MSCAN block, Channel Reduction Attention, decode head) fold their BatchNorms
-and layer scales into the neighbouring convolutions (`fusion_metaseg` has the arithmetic) and run the
-same forward on the folded weights; `model.unfuse()` or reloading restores the straight port.
+(MSCAN stage, for its patch embedding and blocks; Channel Reduction Attention; decode head) fold their
+BatchNorms and layer scales into the neighbouring convolutions (`fusion_metaseg` has the arithmetic) and
+run the same forward on the folded weights; `model.unfuse()` or reloading restores the straight port.
 """
 
 import math
@@ -29,12 +29,12 @@ from .configuration_metaseg import MetaSegConfig
 from .fusion_metaseg import (
     FoldedConv,
     FoldedLinear,
-    FoldedTensors,
     batch_norm_affine,
     channel_chunks,
     check_inference,
     matrix,
     preferred_layout,
+    residual_stream_scales,
 )
 from .inference_metaseg import SegmentationPrediction, predict
 from .ops_metaseg import activation_on_map, depthwise_conv2d, depthwise_conv2d_gelu, msca_spatial
@@ -94,11 +94,12 @@ class MetaSegStem(nn.Module):
         hidden_states = self.activation(self.norm1(self.conv1(pixel_values)))
         return self.norm2(self.conv2(hidden_states))
 
-    def fuse(self) -> None:
-        """Each convolution and its BatchNorm as one convolution."""
+    def fold(self, output_scale: torch.Tensor) -> None:
+        """Each convolution and its BatchNorm as one convolution, the output multiplied by `output_scale` (C,),
+        float64 (`MetaSegStage.fuse`)."""
         self.folded = nn.Sequential(
             FoldedConv.with_batch_norm(self.conv1, self.norm1, self.activation),
-            FoldedConv.with_batch_norm(self.conv2, self.norm2),
+            FoldedConv.with_batch_norm(self.conv2, self.norm2, output_scale=output_scale),
         )
 
 
@@ -116,9 +117,10 @@ class MetaSegOverlapPatchEmbeddings(nn.Module):
             return self.folded(preferred_layout(hidden_states))
         return self.norm(self.proj(hidden_states))
 
-    def fuse(self) -> None:
-        """The convolution and its BatchNorm as one convolution."""
-        self.folded = FoldedConv.with_batch_norm(self.proj, self.norm)
+    def fold(self, output_scale: torch.Tensor) -> None:
+        """The convolution and its BatchNorm as one convolution, the output multiplied by `output_scale` (C,),
+        float64 (`MetaSegStage.fuse`)."""
+        self.folded = FoldedConv.with_batch_norm(self.proj, self.norm, output_scale=output_scale)
 
 
 class MetaSegDepthwiseConv(nn.Conv2d):
@@ -268,35 +270,32 @@ class MetaSegMscanBlock(nn.Module):
         self.layer_scale_1 = nn.Parameter(torch.full((channels,), float(config.layer_scale_init_value)))
         self.layer_scale_2 = nn.Parameter(torch.full((channels,), float(config.layer_scale_init_value)))
         self.drop_path = MetaSegDropPath(drop_path_rate)
-        self.folded = None  # set by `fuse()`: the attention shortcut's scale
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.folded is None:
+        if self.attention.folded is None:
             attended = self.attention(self.norm1(hidden_states))
             hidden_states = hidden_states + self.drop_path(self.layer_scale_1[:, None, None] * attended)
             transformed = self.mlp(self.norm2(hidden_states))
             return hidden_states + self.drop_path(self.layer_scale_2[:, None, None] * transformed)
-        # Folded: the norms are in proj_in and fc1, the layer scales in proj_out and fc2, and the attention's
-        # BatchNorm shortcut ls1 * (s1 * x + t1) in `residual_scale` = 1 + ls1 * s1 and proj_out's bias.
+        # Folded (`MetaSegStage.fuse`): the norms are in proj_in and fc1, the layer scales in proj_out and fc2, and
+        # the residual stream is carried rescaled per channel, so that both halves are plain residual additions.
         check_inference(self)
-        attended = self.attention(hidden_states)
-        if hidden_states.dtype in (torch.float32, torch.float64):
-            hidden_states = torch.addcmul(attended, hidden_states, self.folded.residual_scale)
-        else:  # 1 + ls1 * s1 is not representable in half precision: add the small term on its own
-            hidden_states = torch.addcmul(attended, hidden_states, self.folded.shortcut_scale).add_(hidden_states)
+        hidden_states = hidden_states + self.attention(hidden_states)
         return hidden_states + self.mlp(hidden_states)
 
-    def fuse(self) -> None:
-        """Folds both BatchNorms and layer scales into the 1x1 convolutions next to them."""
+    def residual_scale(self) -> torch.Tensor:
+        """1 + ls1 * s1 (C,), float64: what the attention half multiplies its input by once the BatchNorm shortcut
+        ls1 * (s1 * x + t1) is split off (its shift goes into proj_out's bias)."""
+        return 1 + self.layer_scale_1.double() * batch_norm_affine(self.norm1)[0]
+
+    def fold(self, stream_scale: torch.Tensor, next_stream_scale: torch.Tensor) -> None:
+        """Folds both BatchNorms and layer scales into the 1x1 convolutions next to them, for a residual stream
+        carried as x / stream_scale before the block and x / next_stream_scale after it (C,), float64;
+        `residual_stream_scales` makes next_stream_scale = residual_scale() * stream_scale."""
         scale_1, shift_1 = batch_norm_affine(self.norm1)
-        layer_scale_1 = self.layer_scale_1.double()
-        self.attention.fold(scale_1, shift_1, layer_scale_1)
-        self.mlp.fold(*batch_norm_affine(self.norm2), self.layer_scale_2.double())
-        self.folded = FoldedTensors(
-            self.layer_scale_1.dtype,
-            shortcut_scale=(layer_scale_1 * scale_1)[:, None, None],
-            residual_scale=(1 + layer_scale_1 * scale_1)[:, None, None],
-        )
+        self.attention.fold(scale_1 * stream_scale, shift_1, self.layer_scale_1.double() / next_stream_scale)
+        scale_2, shift_2 = batch_norm_affine(self.norm2)
+        self.mlp.fold(scale_2 * next_stream_scale, shift_2, self.layer_scale_2.double() / next_stream_scale)
 
 
 class MetaSegStage(nn.Module):
@@ -328,6 +327,15 @@ class MetaSegStage(nn.Module):
         # LayerNorm over channels, in channels-last order, back to (B, C, H, W).
         hidden_states = self.layer_norm(hidden_states.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return hidden_states.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+    def fuse(self) -> None:
+        """Folds the BatchNorms and layer scales of the patch embedding and the blocks into their convolutions,
+        with the blocks' residual stream carried rescaled per channel (`fusion_metaseg.residual_stream_scales`)."""
+        channels, device = self.layer_norm.normalized_shape[0], self.layer_norm.weight.device
+        scales = residual_stream_scales([block.residual_scale() for block in self.blocks], channels, device)
+        self.patch_embeddings.fold(output_scale=1 / scales[0])
+        for block, stream_scale, next_stream_scale in zip(self.blocks, scales, scales[1:]):
+            block.fold(stream_scale, next_stream_scale)
 
 
 class MetaSegEncoder(nn.Module):
@@ -746,8 +754,8 @@ class MetaSegPreTrainedModel(PreTrainedModel):
     def fuse(self):
         """Switches to the inference-only deploy form and returns the model (in eval mode).
 
-        Every submodule that owns a `fuse()` (stem, patch embeddings, MSCAN blocks, Channel Reduction
-        Attention, decode head) folds its eval-mode BatchNorms, layer scales and softmax scale into the
+        Every submodule that owns a `fuse()` (MSCAN stages, for their patch embeddings and blocks; Channel
+        Reduction Attention; decode head) folds its eval-mode BatchNorms, layer scales and softmax scale into the
         neighbouring convolutions and runs its forward on the folded weights; on CPU maps are kept
         channels_last. Outputs equal the straight port's up to float rounding (float32: within 5e-4 of
         the float64 reference). The parameters and the state dict are unchanged (saving a fused model

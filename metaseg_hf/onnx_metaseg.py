@@ -482,11 +482,17 @@ FLOAT_PARTS = {
     "gelu": "the GELUs exact, in float32 between a dequantise and a quantise (otherwise on uint8 as "
             "x * sigmoid(1.702 x): ONNX Runtime's table-driven QLinearSigmoid and a QLinearMul)",
     "stem": "the stem's two convolutions (MetaSegStem)",
+    "stem_input": "the stem's first convolution, on the RGB input, and its GELU",
     "classifier": "the decode head's classifier (MetaSegClassifier)",
     "depthwise": "the depthwise convolutions (the MSCA strips and 5x5, the MLPs' 3x3)",
-    "attention_spatial": "the MSCA's depthwise 5x5 and strip convolutions and their sum",
-    "decoder_norms": "the decoder's LayerNorms and its attention softmax",
+    "attention_spatial": "the MSCA's depthwise 5x5 and strip convolutions (their sum stays integer: ONNX Runtime "
+                         "fuses a dequantise-add-quantise into QLinearAdd whether or not the Add was quantised)",
+    "decoder_attention": "the decoder's attention maps: the Channel Reduction Attention's logits, softmax and "
+                         "product with the values (a float32 softmax needs its consumer in float32 too, or ONNX "
+                         "Runtime fuses dequantise-softmax-quantise into QLinearSoftmax)",
 }
+# Whatever the parts, LayerNorms run in float32 (ONNX Runtime has no integer LayerNormalization on CPU), and
+# so do GELUs with "gelu".
 # The int8 recipe, chosen by measurement (benchmarks/bench_int8.py; figures in benchmarks/RESULTS.md).
 INT8_RECIPE = {
     "quant_format": "qdq",  # QuantizeLinear/DequantizeLinear pairs, fused by ONNX Runtime into integer kernels
@@ -494,7 +500,9 @@ INT8_RECIPE = {
     "activation_type": "uint8",
     "weight_type": "int8",  # u8 x s8: the VNNI integer dot products (s8 x s8 ran at 0.44x float32)
     "calibration_method": "minmax",
-    "float_parts": ("stem",),  # the RGB input's two convolutions: the most accurate single part, no slower
+    # The stem's first convolution (3 input channels: the most accurate part to keep, and slow in int8) and the
+    # decoder's attention maps (ONNX Runtime's QLinearSoftmax is slower than float32's softmax).
+    "float_parts": ("stem_input", "decoder_attention"),
     "optimize_before": True,  # ONNX Runtime's graph optimisation (quant_pre_process) before quantising
 }
 QUANT_FORMATS = ("qdq", "qoperator")
@@ -552,22 +560,32 @@ def _node_parts(model) -> dict:
     """{node name: the FLOAT_PARTS it belongs to} for the nodes of a MetaSeg export (an onnx.ModelProto),
     from the module classes torch.onnx records on each node. Raises ONNXExportError when the file has no such
     record (an export by another tool)."""
-    parts, recorded = {}, False
-    for node in model.graph.node:
+    parts, recorded, stem_convolutions = {}, False, 0
+    softmaxes = [node for node in model.graph.node if node.op_type == "Softmax"]
+    softmax_tensors = {name for node in softmaxes for name in (*node.input, *node.output)}
+    # The softmaxes' producers and consumers: the attention logits and their product with the values.
+    softmax_neighbours = {
+        node.name for node in model.graph.node if softmax_tensors & {*node.input, *node.output}
+    }
+    for node in model.graph.node:  # in topological order
         metadata = {entry.key: entry.value for entry in node.metadata_props}
         hierarchy = metadata.get("pkg.torch.onnx.class_hierarchy")
         recorded = recorded or hierarchy is not None
         classes = {name.strip(" '\"").rsplit(".", 1)[-1] for name in (hierarchy or "[]").strip("[]").split(",")}
         group = next((attribute.i for attribute in node.attribute if attribute.name == "group"), 1)
+        stem = "MetaSegStem" in classes
+        stem_convolutions += stem and node.op_type == "Conv"
         parts[node.name] = {
             part
             for part, belongs in (
-                ("stem", "MetaSegStem" in classes),
+                ("stem", stem),
+                ("stem_input", stem and stem_convolutions == 1),
                 ("classifier", "MetaSegClassifier" in classes),
                 ("depthwise", node.op_type == "Conv" and group > 1),
                 ("attention_spatial", "MetaSegMultiScaleConvAttention" in classes
                  and (node.op_type == "Add" or (node.op_type == "Conv" and group > 1))),
-                ("decoder_norms", node.op_type in ("LayerNormalization", "Softmax") and "MetaSegDecodeHead" in classes),
+                ("decoder_attention", "MetaSegChannelReductionAttention" in classes
+                 and (node.op_type == "Softmax" or node.name in softmax_neighbours)),
             )
             if belongs
         }

@@ -91,15 +91,24 @@ def test_int8_export_writes_a_quantised_self_describing_folder(model_dir, int8_e
     # The agreement printed is the one saved.
     printed = next(line for line in lines if line.startswith("int8 vs float32 on 2 held-out image(s)"))
     assert f"{agreement['pixel_agreement']:.4%}" in printed and f"{agreement['logits_max_abs_difference']:.3g}" in printed
-    assert 0.95 < agreement["pixel_agreement"] <= 1 and 0 < agreement["logits_relative_error"] < 0.1
+    # 94% on this random tiny model with INT8_RECIPE (95% with the whole stem in float32); 99.5% on the trained demo.
+    assert 0.9 < agreement["pixel_agreement"] <= 1 and 0 < agreement["logits_relative_error"] < 0.1
     assert summary["file_size"] == (folder / "model.onnx").stat().st_size
     assert summary["float32_file_size"] == (float_export / "model.onnx").stat().st_size
 
-    # Integer arithmetic between the convolutions: the GELUs on uint8, the stem (a float part) in float32.
+    # Integer arithmetic between the convolutions: the GELUs on uint8; the stem's first convolution and the decoder's
+    # attention maps (the float parts) in float32, without QLinearSoftmax.
     graph = onnx.load(str(folder / "model.onnx")).graph
     operators = [node.op_type for node in graph.node]
     assert operators.count("QLinearSigmoid") == operators.count("QLinearMul") > 0
-    assert operators.count("Gelu") == 1  # the stem's, between its two float32 convolutions
+    assert operators.count("Gelu") == 1  # the stem's, after its float32 first convolution
+    producers = {output: node.op_type for node in graph.node for output in node.output}
+    float_convolutions = [node.input[0] for node in graph.node
+                          if node.op_type == "Conv" and producers.get(node.input[1]) != "DequantizeLinear"]
+    assert float_convolutions == ["pixel_values"]
+    softmax_users = [node.op_type for node in graph.node
+                     if any(producers.get(name) == "Softmax" for name in node.input)]
+    assert softmax_users and set(softmax_users) == {"MatMul"}  # not a QuantizeLinear: no QLinearSoftmax
     assert "QuantizeLinear" in operators and "DequantizeLinear" in operators
     assert json.loads((folder / "config.json").read_text()) == json.loads((float_export / "config.json").read_text())
     assert MetaSegImageProcessor.from_pretrained(folder).to_dict() == MetaSegImageProcessor.from_pretrained(model_dir).to_dict()
