@@ -32,7 +32,7 @@ common.use_fault_free_allocator()
 
 import torch  # noqa: E402
 
-from metaseg_hf.onnx_metaseg import INT8_RECIPE  # noqa: E402
+from metaseg_hf.onnx_metaseg import INT8_DOT_PRODUCTS, INT8_RECIPE, cpu_int8_instructions  # noqa: E402
 
 FAMILY = "metaseg-t"
 RECIPE = "int8 (recipe)"
@@ -52,7 +52,9 @@ VARIANTS = {
     "+ float32 classifier": float_parts("classifier"),
     "+ float32 MSCA spatial": float_parts("attention_spatial"),
     "+ float32 depthwise": float_parts("depthwise"),
-    "per-channel weights": {"per_channel": True},
+    "per-tensor weights": {"per_channel": False},
+    "8-bit weights (no reduce_range)": {"reduce_range": False},
+    "per-tensor 8-bit weights": {"per_channel": False, "reduce_range": False},
     "QOperator": {"quant_format": "qoperator"},
     "s8 activations": {"activation_type": "int8"},
     "u8 weights": {"weight_type": "uint8"},
@@ -218,15 +220,18 @@ def main() -> None:
                 )
             report(profiles)
 
+    # One section per kind of integer dot product: the speed-up and the 8-bit weights' accuracy depend on it.
+    instructions = cpu_int8_instructions()
     section = (
-        f"## int8 ONNX Runtime, CPU, {args.size}x{args.size}, batch 1 (issue 21)\n\n{common.machine_description('cpu')}, "
+        f"## int8 ONNX Runtime, CPU with {INT8_DOT_PRODUCTS.get(instructions, 'unknown integer instructions')}, "
+        f"{args.size}x{args.size}, batch 1 (issue 21)\n\n{common.machine_description('cpu')}, "
         f"onnxruntime {onnxruntime.__version__}, {args.threads} threads each, {args.repeats} timed rounds after "
         f"{args.warmup} warm-up. Model: {described}; calibration: {calibration_size} synthetic training scenes "
         f"through its processor, {HELD_OUT} more held out for the agreement.\n\n`{common.COMMAND_LINE}`\n\n{table}"
         + profiles
     )
     if args.write_results:
-        common.write_section("int8-cpu", section)
+        common.write_section(f"int8-cpu-{instructions.replace('_', '-')}", section)
 
 
 if __name__ == "__main__":

@@ -161,7 +161,11 @@ def machine_description(device: str) -> str:
                     break
         except OSError:
             pass
-        hardware = f"{model}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
+        from metaseg_hf.onnx_metaseg import INT8_DOT_PRODUCTS, cpu_int8_instructions
+
+        instructions = cpu_int8_instructions()
+        hardware = (f"{model} ({INT8_DOT_PRODUCTS.get(instructions, 'integer dot product: unknown')}), "
+                    f"{os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
     try:
         load = ", load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     except OSError:

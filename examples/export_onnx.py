@@ -80,6 +80,9 @@ def parse_args(argv=None):
     int8.add_argument("--calibration_method", choices=CALIBRATION_METHODS, default=INT8_RECIPE["calibration_method"])
     int8.add_argument("--per_channel", action=argparse.BooleanOptionalAction, default=INT8_RECIPE["per_channel"],
                       help="one weight scale per output channel (--no-per_channel: one per tensor)")
+    int8.add_argument("--reduce_range", action=argparse.BooleanOptionalAction, default=INT8_RECIPE["reduce_range"],
+                      help="7-bit weights, the same results on every CPU (--no-reduce_range: 8-bit, which CPUs "
+                           "without VNNI can saturate)")
     args = parser.parse_args(argv)
     if args.quantize and not args.calibration_data:
         parser.error("--quantize int8 needs --calibration_data (a folder of images or a dataset) to set its ranges")
@@ -88,6 +91,12 @@ def parse_args(argv=None):
     if args.quantize and not args.fuse:
         parser.error("--quantize int8 quantises the fused export: leave out --no-fuse")
     return args
+
+
+def int8_recipe(args) -> dict:
+    """The changes to INT8_RECIPE that the command line asks for."""
+    return {"float_parts": args.float_parts, "quant_format": args.quant_format, "calibration_method": args.calibration_method,
+            "per_channel": args.per_channel, "reduce_range": args.reduce_range}
 
 
 def main(argv=None) -> int:
@@ -111,8 +120,7 @@ def main(argv=None) -> int:
             export_onnx_int8(
                 model.eval(), args.output_dir, processor, images,
                 calibration_size=args.calibration_size, held_out=args.held_out, opset=args.opset,
-                recipe={"float_parts": args.float_parts, "quant_format": args.quant_format,
-                        "calibration_method": args.calibration_method, "per_channel": args.per_channel},
+                recipe=int8_recipe(args),
             )
         else:
             export_onnx(

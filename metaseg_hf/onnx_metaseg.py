@@ -496,14 +496,29 @@ FLOAT_PARTS = {
 # The int8 recipe, chosen by measurement (benchmarks/bench_int8.py; figures in benchmarks/RESULTS.md).
 INT8_RECIPE = {
     "quant_format": "qdq",  # QuantizeLinear/DequantizeLinear pairs, fused by ONNX Runtime into integer kernels
-    "per_channel": False,  # one weight scale per tensor: as accurate here as per channel, and a little faster
+    "per_channel": True,  # one weight scale per output channel
     "activation_type": "uint8",
     "weight_type": "int8",  # u8 x s8: the VNNI integer dot products (s8 x s8 ran at 0.44x float32)
+    # 7-bit weights (-64..64): no pair of u8 x s8 products can overflow 16 bits, so CPUs without VNNI, whose u8 x s8
+    # kernels add pairs in 16 bits with saturation, give the same results as those with it (see
+    # cpu_int8_instructions). With 8-bit per-channel weights an AVX2 CPU lost 4.7 mIoU points on the demo model.
+    "reduce_range": True,
     "calibration_method": "minmax",
     # The stem's first convolution (3 input channels: the most accurate part to keep, and slow in int8) and the
     # decoder's attention maps (ONNX Runtime's QLinearSoftmax is slower than float32's softmax).
     "float_parts": ("stem_input", "decoder_attention"),
     "optimize_before": True,  # ONNX Runtime's graph optimisation (quant_pre_process) before quantising
+}
+# CPU flags (Linux /proc/cpuinfo) of the integer dot products behind ONNX Runtime's u8 x s8 kernels, best first.
+# With VNNI (or AMX) products are summed in 32 bits; x86 CPUs with only AVX2 or AVX-512BW first add pairs of
+# products in 16 bits with saturation (vpmaddubsw), where 8-bit weights can overflow: INT8_RECIPE's reduce_range.
+INT8_DOT_PRODUCTS = {
+    "amx_int8": "AMX-INT8",
+    "avx512_vnni": "AVX-512 VNNI",
+    "avx_vnni": "AVX-VNNI",
+    "avx512bw": "AVX-512BW without VNNI (16-bit pair sums)",
+    "avx2": "AVX2 without VNNI (16-bit pair sums)",
+    "asimddp": "Arm dot product (SDOT/UDOT)",
 }
 QUANT_FORMATS = ("qdq", "qoperator")
 QUANT_TYPES = ("uint8", "int8")
@@ -536,6 +551,22 @@ class ONNXQuantizationResult:
     @property
     def size_ratio(self) -> float:
         return self.file_size / self.float_file_size
+
+
+def cpu_int8_instructions(cpuinfo: str | None = None) -> str:
+    """The best of `INT8_DOT_PRODUCTS` this CPU has (a key, e.g. "avx512_vnni" or "avx2"), from /proc/cpuinfo's
+    flags (or `cpuinfo`, its text); "unknown" where that cannot be read or lists none of them."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return "unknown"
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return next((flag for flag in INT8_DOT_PRODUCTS if flag in flags), "unknown")
 
 
 def check_int8_recipe(recipe: dict | None) -> dict:
@@ -800,6 +831,7 @@ def export_onnx_int8(
             str(prepared), str(quantised), Reader(),
             quant_format={"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}[recipe["quant_format"]],
             per_channel=recipe["per_channel"],
+            reduce_range=recipe["reduce_range"],
             activation_type=types[recipe["activation_type"]],
             weight_type=types[recipe["weight_type"]],
             nodes_to_exclude=excluded,
@@ -815,6 +847,11 @@ def export_onnx_int8(
             agreement = _int8_agreement(float_result.path, quantised, model.config, checked)
             log(f"int8 vs float32 on {len(checked)} held-out image(s): class maps agree on {agreement[0]:.4%} of "
                 f"pixels; logits: max |difference| {agreement[1]:.3g}, relative error {agreement[2]:.3%}")
+        instructions = cpu_int8_instructions()
+        if (recipe["activation_type"], recipe["weight_type"], recipe["reduce_range"]) == ("uint8", "int8", False):
+            log(f"note: 8-bit weights (reduce_range=False): x86 CPUs without VNNI add pairs of uint8 x int8 products in "
+                f"16 bits with saturation, so this file's results depend on the CPU (this one: "
+                f"{INT8_DOT_PRODUCTS.get(instructions, instructions)}); reduce_range=True gives the same on every CPU")
         result = ONNXQuantizationResult(
             path=output_dir / ONNX_FILE_NAME, file_size=quantised.stat().st_size,
             float_file_size=float_result.file_size, calibration_images=len(calibration), held_out_images=len(checked),
@@ -825,7 +862,8 @@ def export_onnx_int8(
             "recipe": {**recipe, "float_parts": list(recipe["float_parts"])},
             "calibration": {"source": source, "images": len(calibration), "seed": seed},
             "agreement_with_float32": {"held_out_images": len(checked), "pixel_agreement": agreement[0],
-                                       "logits_max_abs_difference": agreement[1], "logits_relative_error": agreement[2]},
+                                       "logits_max_abs_difference": agreement[1], "logits_relative_error": agreement[2],
+                                       "cpu_int8_instructions": instructions},
             "file_size": result.file_size, "float32_file_size": result.float_file_size,
         }
         (staging / QUANTIZATION_FILE_NAME).write_text(json.dumps(summary, indent=2), encoding="utf-8")

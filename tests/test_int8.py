@@ -77,7 +77,7 @@ def float_export(model_dir, tmp_path_factory):
 def test_int8_export_writes_a_quantised_self_describing_folder(model_dir, int8_export, float_export):
     import onnx
 
-    from metaseg_hf.onnx_metaseg import INT8_RECIPE
+    from metaseg_hf.onnx_metaseg import INT8_RECIPE, cpu_int8_instructions
 
     folder, lines = int8_export
     assert sorted(path.name for path in folder.iterdir()) == [
@@ -88,6 +88,7 @@ def test_int8_export_writes_a_quantised_self_describing_folder(model_dir, int8_e
     assert summary["calibration"]["images"] == 4 and summary["calibration"]["source"].endswith("images")
     agreement = summary["agreement_with_float32"]
     assert agreement["held_out_images"] == 2
+    assert agreement["cpu_int8_instructions"] == cpu_int8_instructions()  # the CPU the agreement was measured on
     # The agreement printed is the one saved.
     printed = next(line for line in lines if line.startswith("int8 vs float32 on 2 held-out image(s)"))
     assert f"{agreement['pixel_agreement']:.4%}" in printed and f"{agreement['logits_max_abs_difference']:.3g}" in printed
@@ -112,6 +113,47 @@ def test_int8_export_writes_a_quantised_self_describing_folder(model_dir, int8_e
     assert "QuantizeLinear" in operators and "DequantizeLinear" in operators
     assert json.loads((folder / "config.json").read_text()) == json.loads((float_export / "config.json").read_text())
     assert MetaSegImageProcessor.from_pretrained(folder).to_dict() == MetaSegImageProcessor.from_pretrained(model_dir).to_dict()
+
+
+def int8_weights(path) -> list:
+    """The int8 tensors of a quantised file that feed a DequantizeLinear: its weights (and per-channel zero points)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    dequantised = {node.input[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    return [numpy_helper.to_array(tensor) for tensor in graph.initializer
+            if tensor.name in dequantised and tensor.data_type == onnx.TensorProto.INT8]
+
+
+def test_int8_weights_cannot_saturate_cpus_without_vnni(model_dir, int8_export, calibration_folder, tmp_path):
+    """x86 CPUs without VNNI add pairs of uint8 x int8 products in 16 bits with saturation: the recipe's 7-bit weights
+    keep 2 x 255 x |w| within int16, so its results do not depend on the CPU. 8-bit weights do not, and say so."""
+    from metaseg_hf.onnx_metaseg import export_onnx_int8
+
+    largest = max(int(np.abs(weight.astype(np.int32)).max()) for weight in int8_weights(int8_export[0] / "model.onnx"))
+    assert 0 < largest and 2 * 255 * largest <= np.iinfo(np.int16).max
+
+    lines = []
+    model = MetaSegForSemanticSegmentation.from_pretrained(model_dir).eval()
+    result = export_onnx_int8(model, tmp_path / "8-bit", MetaSegImageProcessor.from_pretrained(model_dir),
+                              calibration_folder, calibration_size=2, held_out=1, recipe={"reduce_range": False},
+                              log=lines.append)
+    largest = max(int(np.abs(weight.astype(np.int32)).max()) for weight in int8_weights(result.path))
+    assert 2 * 255 * largest > np.iinfo(np.int16).max
+    assert any(line.startswith("note: 8-bit weights (reduce_range=False)") and "depend on the CPU" in line
+               for line in lines), lines
+
+
+def test_cpu_int8_instructions_are_read_from_cpuinfo():
+    from metaseg_hf.onnx_metaseg import INT8_DOT_PRODUCTS, cpu_int8_instructions
+
+    zen4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni avx512_bf16\n"
+    assert cpu_int8_instructions(zen4) == "avx512_vnni"
+    assert cpu_int8_instructions("flags\t: fpu sse2 avx avx2 fma\n") == "avx2"
+    assert cpu_int8_instructions("Features\t: fp asimd asimddp sve\n") == "asimddp"
+    assert cpu_int8_instructions("flags\t: fpu sse2\n") == cpu_int8_instructions("") == "unknown"
+    assert cpu_int8_instructions() in (*INT8_DOT_PRODUCTS, "unknown")
 
 
 def test_int8_model_segments_like_float32(int8_export, float_export):
@@ -318,5 +360,12 @@ def test_calibration_images_come_from_folders_datasets_and_the_synthetic_scenes(
 
     args = export_cli.parse_args(["--model", "m", "--output_dir", str(tmp_path / "out"), "--quantize", "int8",
                                   "--calibration_data", "synthetic"])
+    from metaseg_hf.onnx_metaseg import INT8_RECIPE
+
+    recipe = export_cli.int8_recipe(args)  # the command line's defaults are the recipe's
+    assert recipe == {key: INT8_RECIPE[key] for key in recipe} and recipe["reduce_range"] is True
+    assert export_cli.int8_recipe(export_cli.parse_args([
+        "--model", "m", "--output_dir", "out", "--quantize", "int8", "--calibration_data", "synthetic",
+        "--no-reduce_range", "--no-per_channel"]))["reduce_range"] is False
     scenes = export_cli.calibration_images(args)
     assert len(scenes) == 400 and scenes.name(3) == "the synthetic train scenes row 3"
