@@ -32,7 +32,7 @@ common.use_fault_free_allocator()
 
 import torch  # noqa: E402
 
-from metaseg_hf.onnx_metaseg import INT8_DOT_PRODUCTS, INT8_RECIPE, cpu_int8_instructions  # noqa: E402
+from metaseg_hf.onnx_metaseg import INT8_RECIPE, cpu_int8_instructions, describe_int8_instructions  # noqa: E402
 
 FAMILY = "metaseg-t"
 RECIPE = "int8 (recipe)"
@@ -223,7 +223,7 @@ def main() -> None:
     # One section per kind of integer dot product: the speed-up and the 8-bit weights' accuracy depend on it.
     instructions = cpu_int8_instructions()
     section = (
-        f"## int8 ONNX Runtime, CPU with {INT8_DOT_PRODUCTS.get(instructions, 'unknown integer instructions')}, "
+        f"## int8 ONNX Runtime, CPU with {describe_int8_instructions(instructions)}, "
         f"{args.size}x{args.size}, batch 1 (issue 21)\n\n{common.machine_description('cpu')}, "
         f"onnxruntime {onnxruntime.__version__}, {args.threads} threads each, {args.repeats} timed rounds after "
         f"{args.warmup} warm-up. Model: {described}; calibration: {calibration_size} synthetic training scenes "

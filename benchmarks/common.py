@@ -161,11 +161,9 @@ def machine_description(device: str) -> str:
                     break
         except OSError:
             pass
-        from metaseg_hf.onnx_metaseg import INT8_DOT_PRODUCTS, cpu_int8_instructions
+        from metaseg_hf.onnx_metaseg import describe_int8_instructions
 
-        instructions = cpu_int8_instructions()
-        hardware = (f"{model} ({INT8_DOT_PRODUCTS.get(instructions, 'integer dot product: unknown')}), "
-                    f"{os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
+        hardware = f"{model} ({describe_int8_instructions()}), {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
     try:
         load = ", load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     except OSError:

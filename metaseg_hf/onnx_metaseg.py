@@ -569,6 +569,12 @@ def cpu_int8_instructions(cpuinfo: str | None = None) -> str:
     return next((flag for flag in INT8_DOT_PRODUCTS if flag in flags), "unknown")
 
 
+def describe_int8_instructions(instructions: str | None = None) -> str:
+    """Words for `cpu_int8_instructions()` (or `instructions`, one of its answers), e.g. "AVX-512 VNNI"."""
+    instructions = cpu_int8_instructions() if instructions is None else instructions
+    return INT8_DOT_PRODUCTS.get(instructions, "integer dot product unknown")
+
+
 def check_int8_recipe(recipe: dict | None) -> dict:
     """`INT8_RECIPE` updated with `recipe`; raises ValueError naming an unknown key or value and the choices."""
     merged = {**INT8_RECIPE, **(recipe or {})}
@@ -851,7 +857,7 @@ def export_onnx_int8(
         if (recipe["activation_type"], recipe["weight_type"], recipe["reduce_range"]) == ("uint8", "int8", False):
             log(f"note: 8-bit weights (reduce_range=False): x86 CPUs without VNNI add pairs of uint8 x int8 products in "
                 f"16 bits with saturation, so this file's results depend on the CPU (this one: "
-                f"{INT8_DOT_PRODUCTS.get(instructions, instructions)}); reduce_range=True gives the same on every CPU")
+                f"{describe_int8_instructions(instructions)}); reduce_range=True gives the same on every CPU")
         result = ONNXQuantizationResult(
             path=output_dir / ONNX_FILE_NAME, file_size=quantised.stat().st_size,
             float_file_size=float_result.file_size, calibration_images=len(calibration), held_out_images=len(checked),

@@ -360,12 +360,15 @@ def test_calibration_images_come_from_folders_datasets_and_the_synthetic_scenes(
 
     args = export_cli.parse_args(["--model", "m", "--output_dir", str(tmp_path / "out"), "--quantize", "int8",
                                   "--calibration_data", "synthetic"])
-    from metaseg_hf.onnx_metaseg import INT8_RECIPE
-
-    recipe = export_cli.int8_recipe(args)  # the command line's defaults are the recipe's
-    assert recipe == {key: INT8_RECIPE[key] for key in recipe} and recipe["reduce_range"] is True
-    assert export_cli.int8_recipe(export_cli.parse_args([
-        "--model", "m", "--output_dir", "out", "--quantize", "int8", "--calibration_data", "synthetic",
-        "--no-reduce_range", "--no-per_channel"]))["reduce_range"] is False
     scenes = export_cli.calibration_images(args)
     assert len(scenes) == 400 and scenes.name(3) == "the synthetic train scenes row 3"
+
+
+def test_the_command_line_defaults_are_the_int8_recipe():
+    from metaseg_hf.onnx_metaseg import INT8_RECIPE
+
+    arguments = ["--model", "m", "--output_dir", "out", "--quantize", "int8", "--calibration_data", "synthetic"]
+    recipe = export_cli.int8_recipe(export_cli.parse_args(arguments))
+    assert recipe == {key: INT8_RECIPE[key] for key in recipe} and recipe["reduce_range"] is True
+    assert export_cli.int8_recipe(export_cli.parse_args([*arguments, "--no-reduce_range", "--no-per_channel"]))[
+        "reduce_range"] is False
